@@ -1,0 +1,10 @@
+"""Framework-agnostic ResNeSt (imports torch only)."""
+from .dropblock import DropBlock2D, DropBlockScheduler
+from .norm import FrozenBatchNorm2d, SyncBatchNorm, make_norm
+from .split_attention import SplitAttentionConv2d, attention_channels
+from .trunk import OUTPUT_STRIDES, STAGE_NAMES, Bottleneck, ResNeSt
+from .variants import ALIASES, VARIANTS, Variant, build_resnest, get_variant
+
+__all__ = ["ALIASES", "Bottleneck", "DropBlock2D", "DropBlockScheduler", "FrozenBatchNorm2d",
+           "OUTPUT_STRIDES", "ResNeSt", "STAGE_NAMES", "SplitAttentionConv2d", "SyncBatchNorm",
+           "VARIANTS", "Variant", "attention_channels", "build_resnest", "get_variant", "make_norm"]

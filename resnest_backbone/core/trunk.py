@@ -1,0 +1,320 @@
+"""ResNeSt trunk: deep stem, split-attention bottlenecks, four stages (res2..res5).
+
+Module names are the official checkpoint names (conv1.0, bn1, layer1.0.conv2.fc1, downsample.1, ...), so an
+official or timm ResNeSt state_dict loads with strict=True and no renaming; each framework adapter holds this
+trunk and only adds a prefix. The behaviour follows the official code (resnest==0.0.5) knob for knob,
+including its quirks that checkpoints depend on (see comments).
+"""
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .dropblock import DropBlock2D
+from .norm import FrozenBatchNorm2d, NormSpec, make_norm
+from .split_attention import SplitAttentionConv2d
+
+STAGE_NAMES = ("res2", "res3", "res4", "res5")
+STAGE_PLANES = (64, 128, 256, 512)
+EXPANSION = 4
+# output stride -> (stride, dilation) per stage res2..res5, as the official `dilated` / `dilation` options.
+OUTPUT_STRIDES = {
+    32: ((1, 2, 2, 2), (1, 1, 1, 1)),
+    16: ((1, 2, 2, 1), (1, 1, 1, 2)),
+    8: ((1, 2, 1, 1), (1, 1, 2, 4)),
+}
+
+
+class Bottleneck(nn.Module):
+    """ResNeSt bottleneck: 1x1 reduce, 3x3 split-attention conv, 1x1 expand, (avg-pool) shortcut.
+
+    avd ("average down"): the stride is moved out of the 3x3 conv into a 3x3 average pool, placed after
+    the split-attention conv (avd_first=False, the paper models) or before it (avd_first=True, the `fast`
+    ablation variants, cheaper since the conv then runs at the lower resolution).
+    """
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: Optional[nn.Module] = None, radix: int = 2, cardinality: int = 1,
+                 bottleneck_width: int = 64, avd: bool = False, avd_first: bool = False,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, dropblock_prob: float = 0.0,
+                 last_gamma: bool = False, reduction_factor: int = 4):
+        super().__init__()
+        group_width = int(planes * (bottleneck_width / 64.0)) * cardinality
+        if group_width < 1:
+            raise ValueError(f"bottleneck_width={bottleneck_width} gives an empty bottleneck")
+        self.radix = radix
+        self.avd = avd
+        self.avd_first = avd_first
+        self.stride = stride
+        self.out_channels = planes * EXPANSION
+
+        self.conv1 = nn.Conv2d(in_channels, group_width, 1, bias=False)
+        self.bn1 = norm_layer(group_width)
+        self.dropblock1 = _dropblock(dropblock_prob)
+        self.relu = nn.ReLU(inplace=True)
+        # With avd the 3x3 conv keeps stride 1 and an AvgPool2d(3, stride) does the downsampling. The
+        # official code also adds the pool to the first block of a dilated (stride-1) stage: a 3x3 blur.
+        self.avd_layer = nn.AvgPool2d(3, stride, padding=1) if avd else None
+        conv_stride = 1 if avd else stride
+        if radix >= 1:
+            self.conv2 = SplitAttentionConv2d(
+                group_width, group_width, 3, conv_stride, padding=dilation, dilation=dilation,
+                cardinality=cardinality, radix=radix, reduction_factor=reduction_factor,
+                norm_layer=norm_layer, dropblock_prob=dropblock_prob)
+            self.bn2 = None
+            self.dropblock2 = None
+        else:  # radix 0: a plain grouped 3x3 conv (ResNeXt block)
+            self.conv2 = nn.Conv2d(group_width, group_width, 3, conv_stride, padding=dilation,
+                                   dilation=dilation, groups=cardinality, bias=False)
+            self.bn2 = norm_layer(group_width)
+            self.dropblock2 = _dropblock(dropblock_prob)
+        self.conv3 = nn.Conv2d(group_width, planes * EXPANSION, 1, bias=False)
+        self.bn3 = norm_layer(planes * EXPANSION)
+        self.dropblock3 = _dropblock(dropblock_prob)
+        if last_gamma and getattr(self.bn3, "weight", None) is not None:
+            nn.init.zeros_(self.bn3.weight)  # each block starts as identity: helps very deep nets train
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.dropblock1(self.bn1(self.conv1(x))))
+        if self.avd_layer is not None and self.avd_first:
+            out = self.avd_layer(out)
+        out = self.conv2(out)
+        if self.bn2 is not None:
+            out = self.relu(self.dropblock2(self.bn2(out)))
+        if self.avd_layer is not None and not self.avd_first:
+            out = self.avd_layer(out)
+        out = self.dropblock3(self.bn3(self.conv3(out)))
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        return self.relu(out + shortcut)
+
+
+def _dropblock(prob: float) -> nn.Module:
+    return DropBlock2D(prob, 3) if prob > 0 else nn.Identity()
+
+
+class ResNeSt(nn.Module):
+    """The ResNeSt trunk. `forward(x)` returns {"stem", "res2".."res5"} restricted to `out_features`.
+
+    Every knob of the official `ResNet(...)` constructor, named the same where it can be:
+      layers            blocks per stage (res2..res5)
+      radix             splits per cardinal group (0: plain conv, 1: sigmoid gate, >=2: softmax)
+      cardinality       cardinal groups (official `groups`)
+      bottleneck_width  width per group for planes=64 (the "d" of NsKxWd)
+      deep_stem, stem_width   three 3x3 convs (stem_width, stem_width, 2*stem_width) instead of one 7x7
+      avg_down          shortcut: AvgPool then 1x1 conv, instead of a strided 1x1 conv
+      avd, avd_first    see Bottleneck
+      output_stride     32, 16 or 8 by dilating res5 (16) or res4+res5 (8), as the official code
+      strides, dilations   per-stage override of output_stride (res2..res5)
+      contract_dilation the first block of a dilated stage uses half the dilation (official behaviour)
+      multi_grid        res5 per-block dilation multipliers (DeepLab), e.g. (1, 2, 4)
+      norm              "BN", "SyncBN", "FrozenBN", "GN", or a callable channels -> module
+      dropblock_prob    DropBlock in res4 and res5 (official placement)
+      last_gamma        zero-init the last norm of each block
+      num_classes       > 0 adds the classifier (`fc`), for ImageNet checkpoints and classification
+    """
+
+    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), radix: int = 2, cardinality: int = 1,
+                 bottleneck_width: int = 64, deep_stem: bool = True, stem_width: int = 32,
+                 avg_down: bool = True, avd: bool = True, avd_first: bool = False,
+                 output_stride: int = 32, strides: Optional[Sequence[int]] = None,
+                 dilations: Optional[Sequence[int]] = None, contract_dilation: bool = True,
+                 multi_grid: Optional[Sequence[int]] = None, norm: NormSpec = "BN",
+                 dropblock_prob: float = 0.0, last_gamma: bool = False, reduction_factor: int = 4,
+                 out_features: Sequence[str] = STAGE_NAMES, num_classes: int = 0):
+        super().__init__()
+        strides, dilations = _check_config(layers, radix, cardinality, bottleneck_width, stem_width,
+                                           output_stride, strides, dilations, multi_grid, dropblock_prob,
+                                           reduction_factor, out_features)
+        norm_layer = make_norm(norm)
+        if norm_layer is None:
+            raise ValueError("norm must name a normalization layer for the trunk (got none)")
+        self.arch = dict(layers=tuple(layers), radix=radix, cardinality=cardinality,
+                         bottleneck_width=bottleneck_width, deep_stem=deep_stem, stem_width=stem_width,
+                         avg_down=avg_down, avd=avd, avd_first=avd_first, strides=tuple(strides),
+                         dilations=tuple(dilations), contract_dilation=contract_dilation,
+                         multi_grid=tuple(multi_grid) if multi_grid else None)
+
+        # Stem. Official names: conv1 (a Sequential for the deep stem), bn1 for the last norm.
+        if deep_stem:
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(3, stem_width, 3, 2, 1, bias=False), norm_layer(stem_width), nn.ReLU(inplace=True),
+                nn.Conv2d(stem_width, stem_width, 3, 1, 1, bias=False), norm_layer(stem_width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(stem_width, stem_width * 2, 3, 1, 1, bias=False))
+            stem_channels = stem_width * 2
+        else:
+            stem_channels = 64
+            self.conv1 = nn.Conv2d(3, stem_channels, 7, 2, 3, bias=False)
+        self.bn1 = norm_layer(stem_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+
+        self._out_channels: Dict[str, int] = {"stem": stem_channels}
+        self._out_strides: Dict[str, int] = {"stem": 4}
+        in_channels, total_stride = stem_channels, 4
+        for index, (blocks, planes, stride, dilation) in enumerate(zip(layers, STAGE_PLANES, strides,
+                                                                       dilations)):
+            is_last = index == len(layers) - 1
+            stage = self._make_stage(
+                in_channels, planes, blocks, stride, dilation, first_stage=index == 0,
+                contract_dilation=contract_dilation,
+                multi_grid=multi_grid if is_last else None, radix=radix, cardinality=cardinality,
+                bottleneck_width=bottleneck_width, avg_down=avg_down, avd=avd, avd_first=avd_first,
+                norm_layer=norm_layer, dropblock_prob=dropblock_prob if index >= 2 else 0.0,
+                last_gamma=last_gamma, reduction_factor=reduction_factor)
+            self.add_module(f"layer{index + 1}", stage)
+            in_channels = planes * EXPANSION
+            total_stride *= stride
+            self._out_channels[STAGE_NAMES[index]] = in_channels
+            self._out_strides[STAGE_NAMES[index]] = total_stride
+
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.fc = nn.Linear(in_channels, num_classes)
+        self.out_features: List[str] = list(out_features)
+        self._init_weights()
+
+    @staticmethod
+    def _make_stage(in_channels, planes, blocks, stride, dilation, first_stage, contract_dilation,
+                    multi_grid, avg_down, norm_layer, **block_kwargs) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or in_channels != planes * EXPANSION:
+            if avg_down:  # official: AvgPool (identity when stride 1) + 1x1 conv; key names downsample.1/.2
+                downsample = nn.Sequential(
+                    nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
+                    nn.Conv2d(in_channels, planes * EXPANSION, 1, bias=False),
+                    norm_layer(planes * EXPANSION))
+            else:
+                downsample = nn.Sequential(
+                    nn.Conv2d(in_channels, planes * EXPANSION, 1, stride, bias=False),
+                    norm_layer(planes * EXPANSION))
+        avd = block_kwargs.pop("avd")
+        blocks_list = []
+        for i in range(blocks):
+            if multi_grid:
+                block_dilation = dilation * multi_grid[i % len(multi_grid)]
+            elif i == 0 and contract_dilation and dilation > 1:
+                block_dilation = dilation // 2
+            else:
+                block_dilation = dilation
+            # Official: avd in any strided block and in the first block of every stage but the first.
+            first_block = i == 0
+            blocks_list.append(Bottleneck(
+                in_channels if first_block else planes * EXPANSION, planes,
+                stride=stride if first_block else 1, dilation=block_dilation,
+                downsample=downsample if first_block else None,
+                avd=avd and first_block and (stride > 1 or not first_stage),
+                norm_layer=norm_layer, **block_kwargs))
+        return nn.Sequential(*blocks_list)
+
+    def _init_weights(self) -> None:
+        # Official init: He-normal (fan-out) convs. Norms keep their identity init, so a zeroed bn3
+        # (last_gamma) stays zero; the official code re-fills it with ones afterwards, undoing last_gamma.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    # ------------------------------------------------------------------------------------------------------
+    def output_channels(self) -> Dict[str, int]:
+        return {name: self._out_channels[name] for name in self.out_features}
+
+    def output_strides(self) -> Dict[str, int]:
+        return {name: self._out_strides[name] for name in self.out_features}
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"ResNeSt expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
+        outputs: Dict[str, torch.Tensor] = {}
+        x = self.stem(x)
+        if "stem" in self.out_features:
+            outputs["stem"] = x
+        last = self._last_stage_needed()
+        for index, stage in enumerate([self.layer1, self.layer2, self.layer3, self.layer4]):
+            if index > last:
+                break
+            x = stage(x)
+            if STAGE_NAMES[index] in self.out_features:
+                outputs[STAGE_NAMES[index]] = x
+        return outputs
+
+    def _last_stage_needed(self) -> int:
+        return max((STAGE_NAMES.index(n) for n in self.out_features if n in STAGE_NAMES), default=-1)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet-style logits (needs num_classes > 0)."""
+        if self.num_classes <= 0:
+            raise RuntimeError("this trunk was built without a classifier (num_classes=0)")
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(torch.flatten(x.mean((2, 3)), 1))
+
+    def freeze(self, at: int, frozen_bn: Callable[[nn.Module], nn.Module] = FrozenBatchNorm2d.convert):
+        """Freeze the stem (at >= 1) and stages res2..res{at} (at >= 2): no gradients, frozen norms.
+
+        Same meaning as detectron2's MODEL.BACKBONE.FREEZE_AT and mmdet's frozen_stages + 1.
+        """
+        if not 0 <= at <= 5:
+            raise ValueError(f"freeze at={at} must be in 0..5 (0 nothing, 1 stem, 2..5 up to res2..res5)")
+        parts: List[List[nn.Module]] = [[self.conv1, self.bn1], [self.layer1], [self.layer2],
+                                        [self.layer3], [self.layer4]]
+        for modules in parts[:at]:
+            for module in modules:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+        # Replace norms with frozen copies (attribute swap, so state_dict keys stay the same).
+        if at >= 1:
+            self.bn1 = frozen_bn(self.bn1)
+            self.conv1 = frozen_bn(self.conv1)
+        for index in range(1, at):
+            name = f"layer{index}"
+            setattr(self, name, frozen_bn(getattr(self, name)))
+        return self
+
+
+def _check_config(layers, radix, cardinality, bottleneck_width, stem_width, output_stride, strides,
+                  dilations, multi_grid, dropblock_prob, reduction_factor,
+                  out_features) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Refuse, at build time, values that cannot work, naming the value and the reason."""
+    def bad(msg):
+        raise ValueError(f"ResNeSt config: {msg}")
+
+    if len(layers) != 4 or any(int(n) != n or n < 1 for n in layers):
+        bad(f"layers={tuple(layers)} must be four positive block counts (res2..res5)")
+    if int(radix) != radix or radix < 0:
+        bad(f"radix={radix} must be an integer >= 0 (0 plain conv, 1 sigmoid gate, >=2 softmax)")
+    if int(cardinality) != cardinality or cardinality < 1:
+        bad(f"cardinality={cardinality} must be an integer >= 1")
+    if bottleneck_width < 1:
+        bad(f"bottleneck_width={bottleneck_width} must be >= 1")
+    if stem_width < 1:
+        bad(f"stem_width={stem_width} must be >= 1")
+    if reduction_factor < 1:
+        bad(f"reduction_factor={reduction_factor} must be >= 1")
+    if not 0.0 <= dropblock_prob < 1.0:
+        bad(f"dropblock_prob={dropblock_prob} must be in [0, 1)")
+    if strides is None and dilations is None:
+        if output_stride not in OUTPUT_STRIDES:
+            bad(f"output_stride={output_stride} must be one of {sorted(OUTPUT_STRIDES)}")
+        strides, dilations = OUTPUT_STRIDES[output_stride]
+    else:
+        default_strides, default_dilations = OUTPUT_STRIDES[32]
+        strides = tuple(strides) if strides is not None else default_strides
+        dilations = tuple(dilations) if dilations is not None else default_dilations
+        if len(strides) != 4 or any(s not in (1, 2) for s in strides):
+            bad(f"strides={strides} must be four values of 1 or 2 (res2..res5)")
+        if len(dilations) != 4 or any(int(d) != d or d < 1 for d in dilations):
+            bad(f"dilations={dilations} must be four integers >= 1 (res2..res5)")
+    if multi_grid is not None and (len(multi_grid) == 0 or any(g < 1 for g in multi_grid)):
+        bad(f"multi_grid={tuple(multi_grid)} must be a non-empty list of integers >= 1")
+    for stage, planes in zip(STAGE_NAMES, STAGE_PLANES):
+        group_width = int(planes * (bottleneck_width / 64.0)) * cardinality
+        if radix >= 1 and group_width % (cardinality * radix):
+            bad(f"{stage}: bottleneck channels {group_width} (planes {planes} x width {bottleneck_width}/64 "
+                f"x cardinality {cardinality}) are not divisible by cardinality*radix={cardinality * radix}")
+    unknown = [f for f in out_features if f not in ("stem",) + STAGE_NAMES]
+    if unknown or not out_features:
+        bad(f"out_features={list(out_features)} must be a non-empty subset of {['stem', *STAGE_NAMES]}")
+    return tuple(strides), tuple(dilations)

@@ -1,0 +1,12 @@
+"""detectron2 adapter. Importing it registers the ResNeSt backbones in detectron2's BACKBONE_REGISTRY.
+
+    import resnest_backbone.d2
+    resnest_backbone.d2.add_resnest_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = "build_resnest_fpn_backbone"
+"""
+from .backbone import (ResNeStBackbone, build_resnest_backbone, build_resnest_fpn_backbone,
+                       build_resnest_retinanet_fpn_backbone, resnest_kwargs_from_cfg)
+from .config import add_resnest_config
+
+__all__ = ["ResNeStBackbone", "add_resnest_config", "build_resnest_backbone", "build_resnest_fpn_backbone",
+           "build_resnest_retinanet_fpn_backbone", "resnest_kwargs_from_cfg"]

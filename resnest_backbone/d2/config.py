@@ -1,0 +1,31 @@
+"""detectron2 config keys for ResNeSt: MODEL.RESNEST.*
+
+A variant name gives every architecture knob; any knob set to a non-None value overrides it. Keys that
+detectron2 already has keep their usual meaning: MODEL.BACKBONE.FREEZE_AT, MODEL.RESNETS.OUT_FEATURES and
+MODEL.RESNETS.NORM (used unless MODEL.RESNEST.NORM is set).
+"""
+from detectron2.config import CfgNode as CN
+
+
+def add_resnest_config(cfg) -> None:
+    """Add MODEL.RESNEST to a detectron2 config (idempotent)."""
+    if "RESNEST" in cfg.MODEL:
+        return
+    _C = cfg.MODEL.RESNEST = CN()
+    _C.VARIANT = "resnest50"  # a row of resnest_backbone.VARIANTS (or an alias such as resnest50d)
+    # Architecture overrides; None = take the variant's value.
+    _C.LAYERS = None  # e.g. [3, 4, 6, 3]
+    _C.RADIX = None  # 0 plain conv, 1 sigmoid gate, >= 2 softmax over splits
+    _C.CARDINALITY = None
+    _C.BOTTLENECK_WIDTH = None
+    _C.STEM_WIDTH = None
+    _C.DEEP_STEM = None
+    _C.AVG_DOWN = None
+    _C.AVD = None
+    _C.AVD_FIRST = None
+    # Norm for the trunk; "" = use MODEL.RESNETS.NORM. "SyncBN" runs in one process as BN (with a warning).
+    _C.NORM = ""
+    _C.OUTPUT_STRIDE = 32  # 32, 16 (dilated res5) or 8 (dilated res4 + res5)
+    _C.RES5_MULTI_GRID = None  # e.g. [1, 2, 4] (DeepLab)
+    _C.DROPBLOCK_PROB = 0.0  # DropBlock in res4/res5 (ramp it with resnest_backbone.DropBlockScheduler)
+    _C.LAST_GAMMA = False  # zero-init the last norm of each block

@@ -15,8 +15,12 @@ def _register_adapters() -> None:
     # Each framework is optional: register into it only when it is installed.
     import importlib.util
 
+    import warnings
+
     if importlib.util.find_spec("detectron2") is not None:
-        from . import d2  # noqa: F401  (registers BACKBONE_REGISTRY entries)
+        with warnings.catch_warnings():  # detectron2 0.6 + torch 2.x: torch.jit.script deprecation noise
+            warnings.simplefilter("ignore", FutureWarning)
+            from . import d2  # noqa: F401  (registers BACKBONE_REGISTRY entries)
     if importlib.util.find_spec("mmdet") is not None or importlib.util.find_spec("mmseg") is not None:
         try:
             from . import mm  # noqa: F401  (registers into mmdet/mmseg MODELS)

@@ -64,21 +64,38 @@ class SplitAttentionConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.dropblock(self.bn0(self.conv(x))))
-        batch = x.shape[0]
-        height, width = x.shape[2], x.shape[3]
+        batch = x.size(0)
+        # Global context = spatial mean of the sum of the splits. Pooling first and then summing the
+        # radix pooled vectors is the same number, without a full-size (C, H, W) temporary.
+        gap = x.mean((2, 3), keepdim=True)
         if self.radix > 1:
-            splits = x.view(batch, self.radix, self.channels, height, width)
-            gap = splits.sum(dim=1).mean(dim=(2, 3), keepdim=True)
+            gap = gap.view(batch, self.radix, self.channels, 1, 1).sum(1)
+        gap = self.fc1(gap)
+        if torch.jit.is_scripting():
+            gap = self._attention_norm_scripted(gap)
         else:
-            splits = x
-            gap = x.mean(dim=(2, 3), keepdim=True)
-        attention = self.fc2(self.relu(attention_norm(self.bn1, self.fc1(gap))))
+            gap = attention_norm(self.bn1, gap)
+        attention = self.fc2(self.relu(gap))
         if self.radix > 1:
             # rSoftMax: fc2 output is (cardinality, radix, c); softmax over radix, back to radix-major.
             attention = attention.view(batch, self.cardinality, self.radix, -1).transpose(1, 2)
             attention = F.softmax(attention, dim=1).reshape(batch, self.radix, self.channels, 1, 1)
+            # One view of the conv output as (batch, radix, channels, H, W) (no split / stack / copy; also
+            # valid for channels_last tensors) and one weighted sum over radix.
+            splits = x.view(batch, self.radix, self.channels, x.size(2), x.size(3))
             return (splits * attention).sum(dim=1)
         return x * torch.sigmoid(attention)
+
+    def _attention_norm_scripted(self, x: torch.Tensor) -> torch.Tensor:
+        # TorchScript form of attention_norm (which takes a module argument, so cannot be scripted).
+        # hasattr / `is not None` on submodule attributes are resolved at compile time, so Identity, GN
+        # and BN without running statistics compile to the plain call. The process-group check is not
+        # scriptable: a scripted SyncBN at batch 1 per process also uses the running statistics.
+        if hasattr(self.bn1, "running_mean") and hasattr(self.bn1, "num_batches_tracked"):
+            if self.bn1.running_mean is not None and self.training and x.size(0) == 1:
+                return F.batch_norm(x, self.bn1.running_mean, self.bn1.running_var, self.bn1.weight,
+                                    self.bn1.bias, False, 0.0, self.bn1.eps)
+        return self.bn1(x)
 
 
 def attention_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

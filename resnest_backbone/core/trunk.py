@@ -226,23 +226,47 @@ class ResNeSt(nn.Module):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"ResNeSt expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.size(1) != 3:
+            if not torch.jit.is_scripting():
+                raise ValueError(f"ResNeSt expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
+            raise ValueError("ResNeSt expects an (N, 3, H, W) image batch")
         outputs: Dict[str, torch.Tensor] = {}
         x = self.stem(x)
         if "stem" in self.out_features:
             outputs["stem"] = x
+        # Unrolled over the four stages (TorchScript cannot iterate over a list of different modules).
         last = self._last_stage_needed()
-        for index, stage in enumerate([self.layer1, self.layer2, self.layer3, self.layer4]):
-            if index > last:
-                break
-            x = stage(x)
-            if STAGE_NAMES[index] in self.out_features:
-                outputs[STAGE_NAMES[index]] = x
+        if last >= 0:
+            x = self.layer1(x)
+            if "res2" in self.out_features:
+                outputs["res2"] = x
+        if last >= 1:
+            x = self.layer2(x)
+            if "res3" in self.out_features:
+                outputs["res3"] = x
+        if last >= 2:
+            x = self.layer3(x)
+            if "res4" in self.out_features:
+                outputs["res4"] = x
+        if last >= 3:
+            x = self.layer4(x)
+            if "res5" in self.out_features:
+                outputs["res5"] = x
         return outputs
 
     def _last_stage_needed(self) -> int:
-        return max((STAGE_NAMES.index(n) for n in self.out_features if n in STAGE_NAMES), default=-1)
+        last = -1
+        for index, name in enumerate(["res2", "res3", "res4", "res5"]):
+            if name in self.out_features:
+                last = index
+        return last
+
+    def fuse(self, channels_last: bool = False) -> "ResNeSt":
+        """Convert this trunk, in place, into its inference form (see core/fuse.py): norms folded into the
+        convs, attention without per-split ops. Inference only: the folded statistics no longer update."""
+        from .fuse import fuse_resnest
+
+        return fuse_resnest(self, inplace=True, channels_last=channels_last)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-style logits (needs num_classes > 0)."""

@@ -6,7 +6,8 @@
 """
 from .backbone import (ResNeStBackbone, build_resnest_backbone, build_resnest_fpn_backbone,
                        build_resnest_retinanet_fpn_backbone, resnest_kwargs_from_cfg)
+from .checkpoint import SafeDetectionCheckpointer
 from .config import add_resnest_config
 
-__all__ = ["ResNeStBackbone", "add_resnest_config", "build_resnest_backbone", "build_resnest_fpn_backbone",
+__all__ = ["ResNeStBackbone", "SafeDetectionCheckpointer", "add_resnest_config", "build_resnest_backbone", "build_resnest_fpn_backbone",
            "build_resnest_retinanet_fpn_backbone", "resnest_kwargs_from_cfg"]

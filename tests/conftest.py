@@ -1,0 +1,56 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # detectron2 0.6 + torch 2.x deprecations
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def randomize_norm_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BN statistics and affine parameters, so a fidelity test cannot pass by BN being identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    return model
+
+
+@pytest.fixture
+def randomize():
+    return randomize_norm_stats
+
+
+def official_features(model, x):
+    """layer1..layer4 outputs of an official resnest==0.0.5 model."""
+    y = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    feats = {}
+    for i, layer in enumerate([model.layer1, model.layer2, model.layer3, model.layer4]):
+        y = layer(y)
+        feats[f"res{i + 2}"] = y
+    return feats
+
+
+def d2_cfg(config="configs/faster_rcnn_resnest50_fpn.yaml", **overrides):
+    """A detectron2 config with MODEL.RESNEST, merged from a project config, on CPU."""
+    from detectron2.config import get_cfg
+
+    import resnest_backbone  # noqa: F401  (registers the builders)
+    from resnest_backbone.d2 import add_resnest_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = get_cfg()
+    add_resnest_config(cfg)
+    cfg.merge_from_file(os.path.join(root, config))
+    cfg.MODEL.DEVICE = "cpu"
+    opts = []
+    for key, value in overrides.items():
+        opts += [key, value]
+    cfg.merge_from_list(opts)
+    return cfg

@@ -1,0 +1,66 @@
+"""Official resnest==0.0.5 model -> saved state_dict -> resnest-convert -> our detectron2 backbone:
+res2..res5 equal the official layer1..layer4 (eval, fp32, random init and random BN statistics)."""
+import pytest
+import torch
+from resnest.torch import ablation as official_ablation
+from resnest.torch import resnest as official_resnest
+
+from conftest import d2_cfg, official_features, randomize_norm_stats
+from resnest_backbone.convert.cli import main as convert_main
+from resnest_backbone.d2 import SafeDetectionCheckpointer, build_resnest_backbone
+from detectron2.layers import ShapeSpec
+
+CASES = [
+    ("resnest50", official_resnest.resnest50),
+    ("resnest101", official_resnest.resnest101),
+    ("resnest50_fast_1s1x64d", official_ablation.resnest50_fast_1s1x64d),  # radix 1 (sigmoid)
+    ("resnest50_fast_2s2x40d", official_ablation.resnest50_fast_2s2x40d),  # cardinality 2
+    ("resnest50_fast_4s2x40d", official_ablation.resnest50_fast_4s2x40d),  # radix 4, cardinality 2
+    ("resnest50_fast_1s4x24d", official_ablation.resnest50_fast_1s4x24d),  # radix 1, cardinality 4
+]
+
+
+def _convert_and_load(tmp_path, official, variant, norm="BN", **official_kwargs):
+    src, dst = tmp_path / "official.pth", tmp_path / "d2.pkl"
+    torch.save(official.state_dict(), src)
+    assert convert_main([str(src), str(dst), "--variant", variant]) == 0
+    cfg = d2_cfg(**{"MODEL.RESNEST.VARIANT": variant, "MODEL.RESNETS.NORM": norm,
+                    "MODEL.BACKBONE.FREEZE_AT": 0, **official_kwargs})
+    backbone = build_resnest_backbone(cfg, ShapeSpec(channels=3))
+    incompatible = SafeDetectionCheckpointer(backbone).load(str(dst))
+    missing = [k for k in incompatible.get("__incompatible__", [])] if isinstance(incompatible, dict) else []
+    assert not missing
+    return backbone.eval()
+
+
+@pytest.mark.parametrize("variant,factory", CASES, ids=[c[0] for c in CASES])
+def test_converted_weights_reproduce_official_features(tmp_path, variant, factory):
+    torch.manual_seed(0)
+    official = randomize_norm_stats(factory()).eval()
+    ours = _convert_and_load(tmp_path, official, variant)
+    # Every backbone tensor came from the checkpoint (no missing keys, nothing left at init).
+    theirs = official.state_dict()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, theirs[key]), key
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        expected, got = official_features(official, x), ours(x)
+    assert list(got) == ["res2", "res3", "res4", "res5"]
+    for name in expected:
+        assert got[name].shape == expected[name].shape
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("output_stride,official_kwargs", [(8, {"dilated": True}), (16, {"dilation": 2})])
+def test_dilated_trunk_matches_official(tmp_path, output_stride, official_kwargs):
+    torch.manual_seed(1)
+    official = randomize_norm_stats(official_resnest.resnest50(**official_kwargs)).eval()
+    ours = _convert_and_load(tmp_path, official, "resnest50",
+                             **{"MODEL.RESNEST.OUTPUT_STRIDE": output_stride})
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected, got = official_features(official, x), ours(x)
+    for name, spec in ours.output_shape().items():
+        assert got[name].shape[-2:] == (64 // spec.stride, 96 // spec.stride)
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
+    assert ours.output_shape()["res5"].stride == output_stride

@@ -1,0 +1,83 @@
+"""Our split-attention conv equals a literal, cardinality-major implementation of the paper's equations
+(Zhang et al. 2020, section 3.2), written here from the paper, using the module's weights."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+from resnest_backbone.core import SplitAttentionConv2d
+from conftest import randomize_norm_stats
+
+
+def paper_split_attention(m: SplitAttentionConv2d, x: torch.Tensor) -> torch.Tensor:
+    """For each cardinal group k and split r (conv group index g = r*K + k in the radix-major layout):
+        U_{k,r} = relu(bn0(conv_g(x_g)))                      the split's feature map
+        s_k     = GAP(sum_r U_{k,r})                           global context of cardinal group k
+        z_k     = relu(bn1(fc1_k(s_k)))                        (fc1 grouped by cardinality)
+        a_k     = softmax_r(fc2_k(z_k))  (sigmoid if R == 1)   attention of group k over its splits
+        V_k     = sum_r a_{k,r} * U_{k,r}
+    and the output concatenates V_1..V_K. Everything is indexed per (k, r) explicitly."""
+    K, R, C = m.cardinality, m.radix, m.channels
+    c_k = C // K  # channels per cardinal group in the output
+    in_g = x.shape[1] // (K * R)  # input channels per conv group
+    w = m.conv.weight  # (R*K*c_k, in_g, kh, kw), conv group g owns rows g*c_k:(g+1)*c_k
+    bn0, bn1 = m.bn0, m.bn1
+    inter_k = m.fc1.out_channels // K
+    outputs = []
+    for k in range(K):
+        U = []
+        for r in range(R):
+            g = r * K + k
+            rows = slice(g * c_k, (g + 1) * c_k)
+            u = F.conv2d(x[:, g * in_g:(g + 1) * in_g], w[rows], None, m.conv.stride, m.conv.padding,
+                         m.conv.dilation)
+            u = (u - bn0.running_mean[rows, None, None]) / torch.sqrt(bn0.running_var[rows, None, None] + bn0.eps)
+            u = F.relu(u * bn0.weight[rows, None, None] + bn0.bias[rows, None, None])
+            U.append(u)
+        s_k = sum(U).mean(dim=(2, 3))  # (B, c_k)
+        fc1_rows = slice(k * inter_k, (k + 1) * inter_k)
+        z = s_k @ m.fc1.weight[fc1_rows, :, 0, 0].T + m.fc1.bias[fc1_rows]
+        z = (z - bn1.running_mean[fc1_rows]) / torch.sqrt(bn1.running_var[fc1_rows] + bn1.eps)
+        z = F.relu(z * bn1.weight[fc1_rows] + bn1.bias[fc1_rows])
+        # fc2 group k produces R*c_k logits ordered (r, c) within the group.
+        fc2_rows = slice(k * R * c_k, (k + 1) * R * c_k)
+        logits = (z @ m.fc2.weight[fc2_rows, :, 0, 0].T + m.fc2.bias[fc2_rows]).view(-1, R, c_k)
+        a = torch.softmax(logits, dim=1) if R > 1 else torch.sigmoid(logits)
+        outputs.append(sum(a[:, r, :, None, None] * U[r] for r in range(R)))
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("radix,cardinality", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (4, 2), (1, 4), (3, 2)])
+def test_equals_paper_equations(radix, cardinality):
+    torch.manual_seed(radix * 10 + cardinality)
+    channels = 24 * cardinality
+    m = SplitAttentionConv2d(channels, channels, 3, 1, 1, cardinality=cardinality, radix=radix,
+                             norm_layer=torch.nn.BatchNorm2d)
+    m = randomize_norm_stats(m).eval()
+    with torch.no_grad():
+        m.fc1.bias.normal_()
+        m.fc2.bias.normal_()
+    x = torch.randn(2, channels, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), paper_split_attention(m, x), rtol=1e-5, atol=1e-5)
+
+
+def test_cardinal_groups_do_not_mix():
+    """Changing the input of cardinal group 0 only must leave group 1's output unchanged."""
+    torch.manual_seed(0)
+    m = SplitAttentionConv2d(32, 32, 3, 1, 1, cardinality=2, radix=2, norm_layer=torch.nn.BatchNorm2d).eval()
+    x = torch.randn(1, 32, 8, 8)
+    y = x.clone()
+    # Input channels of conv groups g = r*K + k with k = 0: groups 0 and 2 (8 channels each).
+    y[:, 0:8] += 1.0
+    y[:, 16:24] += 1.0
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    assert torch.equal(a[:, 16:], b[:, 16:])
+    assert not torch.allclose(a[:, :16], b[:, :16])
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(ValueError, match="radix"):
+        SplitAttentionConv2d(32, 32, radix=0)
+    with pytest.raises(ValueError, match="divisible"):
+        SplitAttentionConv2d(30, 30, cardinality=4, radix=2)

@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as exc:
         print(f"resnest-convert: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. no permission to write the output folder, disk full
+        print(f"resnest-convert: error: {exc.filename or args.output}: {exc.strerror or exc}; nothing was "
+              "written", file=sys.stderr)
+        return 2
     for line in report.lines():
         print(line)
     print(f"wrote {args.output} ({fmt})")

@@ -8,8 +8,9 @@ cardinality / width from the split-attention shapes:
 avd_first (the `fast` ablations) moves a parameter-free pool, so it cannot be read from weights: for
 those checkpoints pass --variant.
 """
+import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
@@ -58,32 +59,63 @@ def to_official(weights: Dict[str, torch.Tensor], report: Report) -> Dict[str, t
 
 
 def read_arch(weights: Dict[str, torch.Tensor]) -> dict:
-    """The weight-visible architecture of official-named ResNeSt weights."""
-    def shape(key):
+    """The weight-visible architecture of official-named ResNeSt weights (CheckpointError if unreadable)."""
+    def shape(key, dims):
         if key not in weights:
             raise CheckpointError(f"expected tensor {key!r} is missing")
-        return tuple(weights[key].shape)
+        value = tuple(weights[key].shape)
+        if len(value) != dims or 0 in value:
+            raise CheckpointError(f"{key} has shape {list(value)}, expected a {dims}-d conv weight")
+        return value
 
     layers = []
     for stage in range(1, 5):
-        blocks = {int(k.split(".")[1]) for k in weights if k.startswith(f"layer{stage}.")}
+        blocks = set()
+        for k in weights:
+            if k.startswith(f"layer{stage}."):
+                index = k.split(".")[1]
+                if not index.isdigit():
+                    raise CheckpointError(f"{k}: block index {index!r} is not a number")
+                blocks.add(int(index))
         if not blocks or blocks != set(range(len(blocks))):
             raise CheckpointError(f"layer{stage}: blocks {sorted(blocks)} are not 0..n-1")
         layers.append(len(blocks))
-    arch = dict(layers=tuple(layers), stem_width=shape("conv1.0.weight")[0], deep_stem=True,
+    arch = dict(layers=tuple(layers), stem_width=shape("conv1.0.weight", 4)[0], deep_stem=True,
                 avg_down="layer1.0.downsample.2.weight" in weights)
     if "layer1.0.conv2.conv.weight" in weights:
-        conv, fc1 = shape("layer1.0.conv2.conv.weight"), shape("layer1.0.conv2.fc1.weight")
+        conv, fc1 = shape("layer1.0.conv2.conv.weight", 4), shape("layer1.0.conv2.fc1.weight", 4)
         per_card = fc1[1]  # W / cardinality
         radix = per_card // conv[1]
+        if radix < 1 or per_card % conv[1] or conv[0] % (per_card * radix):
+            raise CheckpointError(f"layer1.0.conv2 shapes conv {list(conv)} / fc1 {list(fc1)} are not a "
+                                  "split-attention layout")
         cardinality = conv[0] // (per_card * radix)
-    else:  # radix 0: plain grouped conv
-        conv = shape("layer1.0.conv2.weight")
-        radix, cardinality = 0, None
+    else:  # radix 0: plain grouped conv (a ResNet-D / ResNeXt-D with the ResNeSt stem)
+        conv = shape("layer1.0.conv2.weight", 4)
+        radix = 0
         per_card = conv[1]
         cardinality = conv[0] // per_card
     arch.update(radix=radix, cardinality=cardinality, bottleneck_width=per_card)
     return arch
+
+
+def describe_foreign(weights: Dict[str, torch.Tensor]) -> str:
+    """A guess at what a non-ResNeSt checkpoint is, for error messages."""
+    keys = list(weights)
+
+    def has(*parts):
+        return any(all(p in k for p in parts) for k in keys)
+
+    if has("patch_embed") or has("cls_token") or has("blocks.0.attn"):
+        return "a Vision Transformer (patch_embed / attention blocks)"
+    if any(k.endswith("conv1.weight") and weights[k].dim() == 4 and tuple(weights[k].shape[-2:]) == (7, 7)
+           for k in keys) and has("layer1.0.conv1"):
+        return "a ResNet/ResNeXt with a 7x7 stem (torchvision/timm naming), no split attention"
+    if has("res2.0.conv1") and has("stem.conv1"):
+        return "a detectron2 ResNet (res2..res5), no split attention"
+    if has("res2_0_branch2a"):
+        return "a Caffe2/Detectron ResNet (res2_0_branch2a...), no split attention"
+    return "not a ResNeSt"
 
 
 def variants_matching(arch: dict) -> List[str]:
@@ -91,21 +123,32 @@ def variants_matching(arch: dict) -> List[str]:
     return [name for name, v in VARIANTS.items() if all(getattr(v, k) == arch[k] for k in keys)]
 
 
+def _ignorable(key: str) -> bool:
+    # BN step counters: FrozenBN / detectron2 files have none, BN trunks do; they are not weights.
+    return key.endswith("num_batches_tracked")
+
+
 def mismatches(weights: Dict[str, torch.Tensor], variant: str, limit: int = 8) -> List[str]:
-    """Differences between the weights and a variant's trunk: missing, unexpected, and wrong shapes."""
+    """Differences between the weights and a variant's trunk: wrong shapes, missing and unexpected keys,
+    each with its shape; the classifier (fc.*) and BN step counters are not compared. With a limit, the
+    first `limit` lines, wrong shapes first, then a line counting the rest."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_resnest(variant).state_dict().items()}
-    problems = []
+        expected = {k: tuple(v.shape) for k, v in build_resnest(variant).state_dict().items()
+                    if not _ignorable(k)}
+    shapes, missing, unexpected = [], [], []
     for key, want in expected.items():
         if key not in weights:
-            problems.append(f"missing {key} {list(want)}")
+            missing.append(f"missing {key} {list(want)}")
         elif tuple(weights[key].shape) != want:
-            problems.append(f"{key}: checkpoint {list(weights[key].shape)}, {variant} expects {list(want)}")
+            shapes.append(f"{key}: checkpoint {list(weights[key].shape)}, {variant} expects {list(want)}")
     for key in weights:
-        if key not in expected and not key.startswith(CLASSIFIER_PREFIX) and not key.endswith(
-                "num_batches_tracked"):
-            problems.append(f"unexpected {key} {list(weights[key].shape)}")
-    return problems[:limit] if limit else problems
+        if key not in expected and not key.startswith(CLASSIFIER_PREFIX) and not _ignorable(key):
+            unexpected.append(f"unexpected {key} {list(weights[key].shape)}")
+    problems = shapes + missing + unexpected
+    if not limit or len(problems) <= limit:
+        return problems
+    return problems[:limit] + [f"... and {len(problems) - limit} more ({len(shapes)} wrong shapes, "
+                               f"{len(missing)} missing, {len(unexpected)} unexpected)"]
 
 
 def convert_checkpoint(src: str, dst: str, fmt: str = "d2", variant: Optional[str] = None,
@@ -115,19 +158,29 @@ def convert_checkpoint(src: str, dst: str, fmt: str = "d2", variant: Optional[st
         raise CheckpointError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not dst.endswith(FORMATS[fmt]):
         raise CheckpointError(f"{dst}: a {fmt} checkpoint must end with {' or '.join(FORMATS[fmt])}")
+    if os.path.lexists(dst) and not force:
+        raise CheckpointError(f"{dst} exists; pass --force to overwrite it")
     report = Report(source=src)
     weights = load_state_dict(src)
     try:
         official = to_official(weights, report)
+    except ValueError:
+        raise CheckpointError(f"{src} is not a ResNeSt checkpoint (detected: {describe_foreign(weights)}; "
+                              "no ResNeSt deep stem conv1.0 / stem.0 / stem.conv1_1 under any prefix); nothing "
+                              f"was written. First keys: {_first_keys(weights)}") from None
+    try:
         arch = read_arch(official)
-    except (ValueError, CheckpointError) as exc:
-        raise CheckpointError(f"{src}: not a ResNeSt checkpoint: {exc}") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{src} is not a usable ResNeSt checkpoint ({report.naming} naming"
+                              f"{' under ' + repr(report.prefix) if report.prefix else ''}): {exc}. First "
+                              f"keys: {_first_keys(official)}; nothing was written") from None
     report.variant_candidates = variants_matching(arch)
     detected = report.variant_candidates[0] if report.variant_candidates else "unknown"
     if variant is None:
         if not report.variant_candidates:
-            raise CheckpointError(f"{src}: the weights match no known variant (read: {_fmt_arch(arch)}); "
-                                  "pass --variant to check against one")
+            plain = " (radix=0: no split attention, e.g. a ResNet-D)" if arch["radix"] == 0 else ""
+            raise CheckpointError(f"{src}: the weights match no known ResNeSt variant (detected: "
+                                  f"{_fmt_arch(arch)}){plain}; pass --variant to check against one")
         variant = detected
         if any(VARIANTS[c].avd_first != VARIANTS[variant].avd_first for c in report.variant_candidates):
             report.notes.append(f"avd_first is not visible in weights; assumed {variant}. For a `fast` "
@@ -137,7 +190,7 @@ def convert_checkpoint(src: str, dst: str, fmt: str = "d2", variant: Optional[st
     if problems:
         raise CheckpointError(
             f"{src} does not match variant {variant} (detected: {detected}; read from the weights: "
-            f"{_fmt_arch(arch)}). First mismatches:\n  " + "\n  ".join(problems))
+            f"{_fmt_arch(arch)}); nothing was written. First mismatches:\n  " + "\n  ".join(problems))
     report.variant = variant
     out = {}
     for key, value in official.items():
@@ -158,9 +211,15 @@ def convert_checkpoint(src: str, dst: str, fmt: str = "d2", variant: Optional[st
     return report
 
 
+def _first_keys(weights: Dict[str, torch.Tensor], n: int = 5) -> str:
+    shown = [f"{k} {list(v.shape)}" for k, v in list(weights.items())[:n]]
+    return ", ".join(shown) + (f" ... ({len(weights)} tensors)" if len(weights) > n else "")
+
+
 def _fmt_arch(arch: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in arch.items())
 
 
-__all__ = ["FORMATS", "NAMINGS", "OFFICIAL", "Report", "convert_checkpoint", "mismatches", "read_arch",
+__all__ = ["FORMATS", "NAMINGS", "OFFICIAL", "Report", "convert_checkpoint", "describe_foreign", "mismatches",
+           "read_arch",
            "to_official", "variants_matching"]

@@ -8,6 +8,7 @@ from .backbone import (ResNeStBackbone, build_resnest_backbone, build_resnest_fp
                        build_resnest_retinanet_fpn_backbone, resnest_kwargs_from_cfg)
 from .checkpoint import SafeDetectionCheckpointer
 from .config import add_resnest_config
+from .deeplab import add_resnest_deeplab_config, build_resnest_deeplab_backbone  # noqa: F401  (registers)
 
 __all__ = ["ResNeStBackbone", "SafeDetectionCheckpointer", "add_resnest_config", "build_resnest_backbone", "build_resnest_fpn_backbone",
            "build_resnest_retinanet_fpn_backbone", "resnest_kwargs_from_cfg"]

@@ -1,0 +1,266 @@
+"""Training and evaluation with detectron2's trainer, for every ResNeSt config of this project.
+
+    Trainer            DefaultTrainer + what a ResNeSt run needs: COCOEvaluator / SemSegEvaluator chosen from
+                       the dataset, the DeepLab data pipeline and poly LR for semantic segmentation, the safe
+                       atomic checkpointer, the optimizer state in checkpoints (exact resume), CPU DDP
+    setup_cfg          config from a yaml + overrides (MODEL.RESNEST.* and DeepLab keys known), adapted to the
+                       device, checked against the datasets on disk, then detectron2's default_setup
+    launch             detectron2's launch, plus CPU multi-process runs on the gloo backend
+    default_argument_parser   detectron2's (--config-file --resume --eval-only --num-gpus --num-machines
+                       --machine-rank --dist-url opts)
+
+tools/train_net.py is these pieces put together.
+"""
+import logging
+import os
+import weakref
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import detectron2.data.transforms as T
+from detectron2.config import get_cfg
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_argument_parser, default_setup
+from detectron2.engine import launch as d2_launch
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from .checkpoint import SafeDetectionCheckpointer
+from .config import add_resnest_config
+from .deeplab import add_resnest_deeplab_config
+
+__all__ = ["CpuDistributedDataParallel", "Trainer", "adapt_cfg_to_device", "build_sem_seg_train_aug",
+           "default_argument_parser", "get_resnest_cfg", "has_fast_coco_eval", "launch", "resnest_default_setup",
+           "setup_cfg"]
+
+# Norm options detectron2 maps to torch's nn.SyncBatchNorm, which refuses CPU tensors in a process group.
+_HEAD_NORM_KEYS = ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.SEM_SEG_HEAD.NORM",
+                   "MODEL.RETINANET.NORM")
+
+
+def get_resnest_cfg():
+    """detectron2's default config + MODEL.RESNEST.* + the DeepLab keys (when the DeepLab project imports)."""
+    cfg = get_cfg()
+    add_resnest_config(cfg)
+    try:
+        add_resnest_deeplab_config(cfg)
+    except ImportError:
+        pass
+    return cfg
+
+
+def has_fast_coco_eval() -> bool:
+    """True when detectron2's C++ COCO evaluation is built (this project's pure-Python build has a stand-in)."""
+    from detectron2 import _C
+
+    return not str(getattr(_C, "__file__", "")).endswith(".py")
+
+
+def adapt_cfg_to_device(cfg) -> None:
+    """Run a GPU config on a machine without CUDA: MODEL.DEVICE cpu, and head norms "SyncBN" -> "naiveSyncBN"
+    (detectron2's all-reduce SyncBN, which works on CPU process groups; the backbone's and FPN's SyncBN are
+    the ResNeSt core's, which already does)."""
+    logger = logging.getLogger("resnest_backbone")
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("CUDA is not available: training on the CPU (MODEL.DEVICE cpu)")
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.MODEL.DEVICE == "cpu":
+        for key in _HEAD_NORM_KEYS:
+            node, leaf = cfg, key.split(".")
+            for part in leaf[:-1]:
+                node = node.get(part) if node is not None else None
+            if node is not None and node.get(leaf[-1]) == "SyncBN":
+                node[leaf[-1]] = "naiveSyncBN"
+                logger.info(f"{key}: SyncBN -> naiveSyncBN (torch's SyncBatchNorm needs CUDA)")
+
+
+def build_sem_seg_train_aug(cfg):
+    """The DeepLab project's training augmentation: multi-scale resize, crop (no class over
+    SINGLE_CATEGORY_MAX_AREA of it), horizontal flip."""
+    augs = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
+                                 cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]
+    if cfg.INPUT.CROP.ENABLED:
+        augs.append(T.RandomCrop_CategoryAreaConstraint(
+            cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE, cfg.INPUT.CROP.get("SINGLE_CATEGORY_MAX_AREA", 1.0),
+            cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE))
+    augs.append(T.RandomFlip())
+    return augs
+
+
+def _is_semantic(cfg) -> bool:
+    return cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
+
+
+class CpuDistributedDataParallel(DistributedDataParallel):
+    """DDP for CPU (gloo) runs that accepts the ResNeSt core's SyncBatchNorm.
+
+    torch refuses any nn.SyncBatchNorm in a CPU module; the core's SyncBatchNorm is one (so code that looks
+    for SyncBN finds it) but synchronises CPU batches itself with an all-reduce. torch's own SyncBatchNorm
+    is still refused, as it would fail in the forward."""
+
+    def _passing_sync_batchnorm_handle(self, module):
+        from ..core import SyncBatchNorm as CoreSyncBatchNorm
+
+        for layer in module.modules():
+            if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, CoreSyncBatchNorm):
+                raise ValueError(f"{type(layer).__name__}: torch's SyncBatchNorm only works with GPU modules; use "
+                                 "norm 'SyncBN' in the ResNeSt backbone / FPN or 'naiveSyncBN' in heads on the CPU")
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's DefaultTrainer (same hooks, writers, evaluation loop) for ResNeSt models."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__, with two changes: DDP without device_ids on CPU (gloo), and the safe
+        # atomic checkpointer (a killed run never leaves a half-written checkpoint or last_checkpoint).
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        if cfg.MODEL.DEVICE.startswith("cuda") or comm.get_world_size() == 1:
+            model = create_ddp_model(model, broadcast_buffers=False)
+        else:
+            model = CpuDistributedDataParallel(model, broadcast_buffers=False)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    # Checkpoints carry the optimizer (momentum) too, so a resumed run continues exactly; detectron2 0.6's
+    # DefaultTrainer saves only the iteration and the hooks' state.
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        meta = MetadataCatalog.get(dataset_name)
+        kind = meta.get("evaluator_type", "sem_seg" if _is_semantic(cfg) else "coco")
+        if kind == "sem_seg":  # mIoU, fwIoU, mACC, pACC
+            return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+        if kind == "coco":  # box AP (+ mask AP for Mask R-CNN); the C++ evaluation only where it is built
+            return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_fast_coco_eval())
+        raise NotImplementedError(f"no evaluator for dataset {dataset_name!r} (evaluator_type {kind!r}); "
+                                  "this project evaluates COCO-format detection and semantic segmentation")
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if _is_semantic(cfg):
+            mapper = DatasetMapper(cfg, is_train=True, augmentations=build_sem_seg_train_aug(cfg))
+            return build_detection_train_loader(cfg, mapper=mapper)
+        return build_detection_train_loader(cfg)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupPolyLR":
+            from detectron2.projects.deeplab import build_lr_scheduler
+
+            return build_lr_scheduler(cfg, optimizer)
+        return super().build_lr_scheduler(cfg, optimizer)
+
+
+def resnest_default_setup(cfg, args) -> None:
+    """detectron2's default_setup (logging, config dump, seeds). Its environment report asks the C++
+    extension for its compiler; this project's pure-Python detectron2 build has none, so that one line is
+    replaced by a short report instead of failing."""
+    import detectron2.engine.defaults as d2_defaults
+
+    full = d2_defaults.collect_env_info
+
+    def collect_env_info():
+        try:
+            return full()
+        except NotImplementedError:
+            import platform
+
+            import detectron2
+
+            return (f"Python {platform.python_version()}, torch {torch.__version__}, detectron2 "
+                    f"{detectron2.__version__} (pure-Python build: no C++ extension), CUDA available: "
+                    f"{torch.cuda.is_available()}, threads: {torch.get_num_threads()}")
+
+    d2_defaults.collect_env_info = collect_env_info
+    try:
+        default_setup(cfg, args)
+    finally:
+        d2_defaults.collect_env_info = full
+
+
+def setup_cfg(args, default_setup_fn=resnest_default_setup):
+    """Config from args.config_file + args.opts, adapted to the device, datasets checked, frozen."""
+    from ..data import check_datasets
+
+    cfg = get_resnest_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts or [])
+    adapt_cfg_to_device(cfg)
+    cfg.freeze()
+    if default_setup_fn is not None:
+        default_setup_fn(cfg, args)
+    names = list(cfg.DATASETS.TEST) + ([] if getattr(args, "eval_only", False) else list(cfg.DATASETS.TRAIN))
+    check_datasets(names)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- launch
+def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist_url=None, args=(),
+           timeout=timedelta(minutes=30), backend=None):
+    """detectron2's `launch` when CUDA is there; otherwise the same contract on CPU with the gloo backend
+    (num_gpus_per_machine = processes per machine): detectron2 0.6's launch insists on NCCL and CUDA.
+
+    backend: "nccl" / "gloo", default by torch.cuda.is_available()."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    world_size = num_machines * num_gpus_per_machine
+    if backend == "nccl":
+        return d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout)
+    if world_size == 1:
+        return main_func(*args)
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url=auto works only on one machine")
+        from detectron2.engine.launch import _find_free_port
+
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    mp.spawn(_cpu_worker, nprocs=num_gpus_per_machine, daemon=False,
+             args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout))
+
+
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
+    global_rank = machine_rank * num_per_machine + local_rank
+    # Share the cores: each process would otherwise start one thread per core.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_per_machine))
+    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank,
+                            timeout=timeout)
+    # The per-machine group detectron2's comm.get_local_rank() / get_local_size() read.
+    assert comm._LOCAL_PROCESS_GROUP is None
+    for i in range(world_size // num_per_machine):
+        group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    main_func(*args)
+    comm.synchronize()
+    dist.destroy_process_group()

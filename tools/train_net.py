@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Train and evaluate a ResNeSt model with detectron2: detection (Faster / Mask / Cascade R-CNN, RetinaNet,
+evaluated with COCOEvaluator) and semantic segmentation (DeepLabV3, evaluated with SemSegEvaluator), chosen
+by the config.
+
+    tools/train_net.py --config-file configs/faster_rcnn_resnest50_fpn.yaml --num-gpus 8
+    tools/train_net.py --config-file configs/deeplabv3_resnest50_ade20k.yaml --num-gpus 8
+    tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    tools/train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR/last_checkpoint
+    tools/train_net.py --config-file configs/demo_faster_rcnn_resnest.yaml   # the generated demo set, CPU
+
+Datasets come from $DETECTRON2_DATASETS (default ./datasets) with detectron2's names (coco_2017_train,
+ade20k_sem_seg_val, ...); the demo sets (resnest_demo_*) are generated on first use. Without CUDA the run
+goes to the CPU, and --num-gpus N starts N processes on the gloo backend.
+"""
+import os
+import sys
+import warnings
+
+# On shared CPU cores torch's OpenMP threads otherwise spin-wait for each other (several times slower on a
+# busy machine); set before torch loads. An explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# detectron2 0.6 on torch 2.x: deprecation notices that say nothing about this run
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
+warnings.filterwarnings("ignore", category=FutureWarning)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import resnest_backbone  # noqa: E402,F401  (registers the ResNeSt backbones)
+import resnest_backbone.data  # noqa: E402,F401  (registers the demo datasets)
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from resnest_backbone.d2.checkpoint import SafeDetectionCheckpointer  # noqa: E402
+from resnest_backbone.d2.train import Trainer, default_argument_parser, launch, setup_cfg  # noqa: E402
+
+
+def main(args):
+    cfg = setup_cfg(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
+                                                                                 resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def run(argv=None):
+    args = default_argument_parser().parse_args(argv)
+    print("Command Line Args:", args)
+    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    run()

@@ -235,7 +235,7 @@ def test_load_weights_into_detectron2_backbone_from_any_naming(files, tmp_path):
     from detectron2.layers import ShapeSpec
 
     from resnest_backbone.d2 import build_resnest_fpn_backbone
-    from tests.conftest import d2_cfg
+    from conftest import d2_cfg
 
     cfg = d2_cfg(**{"MODEL.RESNEST.VARIANT": "resnest14d"})
     fpn = build_resnest_fpn_backbone(cfg, ShapeSpec(channels=3))
@@ -281,7 +281,7 @@ def detector():
     pytest.importorskip("detectron2")
     from detectron2.modeling import build_model
 
-    from tests.conftest import d2_cfg
+    from conftest import d2_cfg
 
     cfg = d2_cfg(**{"MODEL.RESNEST.VARIANT": "resnest14d", "MODEL.FPN.OUT_CHANNELS": 32,
                     "MODEL.ROI_BOX_HEAD.NUM_CONV": 0, "MODEL.ROI_BOX_HEAD.FC_DIM": 32,

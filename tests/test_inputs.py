@@ -22,7 +22,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from resnest_backbone import build_resnest  # noqa: E402
-from tests.conftest import d2_cfg  # noqa: E402
+from conftest import d2_cfg  # noqa: E402
 
 IMAGES = {  # name: (PIL mode, (width, height))
     "gray": ("L", (50, 40)),

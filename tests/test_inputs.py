@@ -159,9 +159,6 @@ def test_trunk_refuses_non_rgb_tensors(shape):
         build_resnest("resnest14d").eval()(torch.zeros(shape))
 
 
-@pytest.mark.xfail(strict=True, reason="left for the core/d2 owner: at batch 1 in training, a 32x32 (padded) "
-                                       "image makes res5 1x1 and the trunk's own BN raises torch's bare "
-                                       "'Expected more than 1 value per channel' without naming the cause")
 def test_a_1x1_res5_map_at_batch_one_fails_with_a_clear_message(dataset):
     model = build_model(small_cfg(**{"INPUT.MIN_SIZE_TRAIN": (32,), "INPUT.MAX_SIZE_TRAIN": 32})).train()
     item = DatasetMapper(small_cfg(**{"INPUT.MIN_SIZE_TRAIN": (32,), "INPUT.MAX_SIZE_TRAIN": 32}),

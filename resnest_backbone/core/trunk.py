@@ -86,7 +86,10 @@ class Bottleneck(nn.Module):
             out = self.avd_layer(out)
         out = self.dropblock3(self.bn3(self.conv3(out)))
         shortcut = self.downsample(x) if self.downsample is not None else x
-        return self.relu(out + shortcut)
+        # In place, as the official code: no new (B, C, H, W) tensor per block (the norm output is not
+        # needed by any backward).
+        out += shortcut
+        return self.relu(out)
 
 
 def _dropblock(prob: float) -> nn.Module:
@@ -230,6 +233,8 @@ class ResNeSt(nn.Module):
             if not torch.jit.is_scripting():
                 raise ValueError(f"ResNeSt expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
             raise ValueError("ResNeSt expects an (N, 3, H, W) image batch")
+        if self.training and x.size(0) == 1 and not torch.jit.is_scripting():
+            self._check_batch_statistics(x)
         outputs: Dict[str, torch.Tensor] = {}
         x = self.stem(x)
         if "stem" in self.out_features:
@@ -253,6 +258,25 @@ class ResNeSt(nn.Module):
             if "res5" in self.out_features:
                 outputs["res5"] = x
         return outputs
+
+    @torch.jit.unused
+    def _check_batch_statistics(self, x: torch.Tensor) -> None:
+        """Training BatchNorm needs more than one value per channel. With one image whose deepest
+        computed map is 1x1 (e.g. a 32x32 image), torch fails inside a block with a bare "Expected more
+        than 1 value per channel"; say why and what to change instead."""
+        last = self._last_stage_needed()
+        stride = self._out_strides[STAGE_NAMES[last]] if last >= 0 else 4
+        cells = -(-x.size(2) // stride) * -(-x.size(3) // stride)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return  # SyncBN may see the other processes' images; let it decide
+        training_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                          for m in (self.layer1, self.layer2, self.layer3, self.layer4)[max(last, 0)].modules())
+        if cells <= 1 and training_bn:
+            raise ValueError(
+                f"a batch of one {x.size(2)}x{x.size(3)} image leaves a 1x1 map at stride {stride}, where "
+                "BatchNorm in training mode has a single value per channel. Use larger images "
+                "(e.g. INPUT.MIN_SIZE_TRAIN), a batch of at least 2, SyncBN across processes, or "
+                "FrozenBN / GN for that stage.")
 
     def _last_stage_needed(self) -> int:
         last = -1
@@ -301,43 +325,76 @@ class ResNeSt(nn.Module):
 def _check_config(layers, radix, cardinality, bottleneck_width, stem_width, output_stride, strides,
                   dilations, multi_grid, dropblock_prob, reduction_factor,
                   out_features) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """Refuse, at build time, values that cannot work, naming the value and the reason."""
+    """Refuse, at build time, values that cannot work, naming the value and the reason (ValueError, also
+    for wrong types such as None or 2.5 where an integer is needed)."""
+    import numbers
+
     def bad(msg):
         raise ValueError(f"ResNeSt config: {msg}")
 
-    if len(layers) != 4 or any(int(n) != n or n < 1 for n in layers):
-        bad(f"layers={tuple(layers)} must be four positive block counts (res2..res5)")
-    if int(radix) != radix or radix < 0:
-        bad(f"radix={radix} must be an integer >= 0 (0 plain conv, 1 sigmoid gate, >=2 softmax)")
-    if int(cardinality) != cardinality or cardinality < 1:
-        bad(f"cardinality={cardinality} must be an integer >= 1")
-    if bottleneck_width < 1:
-        bad(f"bottleneck_width={bottleneck_width} must be >= 1")
-    if stem_width < 1:
-        bad(f"stem_width={stem_width} must be >= 1")
-    if reduction_factor < 1:
-        bad(f"reduction_factor={reduction_factor} must be >= 1")
-    if not 0.0 <= dropblock_prob < 1.0:
-        bad(f"dropblock_prob={dropblock_prob} must be in [0, 1)")
+    def is_int(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def int_seq(value, n=None) -> bool:
+        try:
+            items = list(value)
+        except TypeError:
+            return False
+        return (not isinstance(value, (str, bytes)) and all(is_int(v) for v in items)
+                and (n is None or len(items) == n))
+
+    if not int_seq(layers, 4) or any(n < 1 for n in layers):
+        bad(f"layers={layers!r} must be four positive block counts (res2..res5)")
+    if not is_int(radix) or radix < 0:
+        bad(f"radix={radix!r} must be an integer >= 0 (0 plain conv, 1 sigmoid gate, >=2 softmax)")
+    if not is_int(cardinality) or cardinality < 1:
+        bad(f"cardinality={cardinality!r} must be an integer >= 1")
+    if not is_int(bottleneck_width) or bottleneck_width < 1:
+        bad(f"bottleneck_width={bottleneck_width!r} must be an integer >= 1")
+    if not is_int(stem_width) or stem_width < 1:
+        bad(f"stem_width={stem_width!r} must be an integer >= 1")
+    if not is_int(reduction_factor) or reduction_factor < 1:
+        bad(f"reduction_factor={reduction_factor!r} must be an integer >= 1")
+    if (not isinstance(dropblock_prob, numbers.Real) or isinstance(dropblock_prob, bool)
+            or not 0.0 <= dropblock_prob < 1.0):
+        bad(f"dropblock_prob={dropblock_prob!r} must be a number in [0, 1)")
     if strides is None and dilations is None:
-        if output_stride not in OUTPUT_STRIDES:
-            bad(f"output_stride={output_stride} must be one of {sorted(OUTPUT_STRIDES)}")
+        if not is_int(output_stride) or output_stride not in OUTPUT_STRIDES:
+            bad(f"output_stride={output_stride!r} must be one of {sorted(OUTPUT_STRIDES)}")
         strides, dilations = OUTPUT_STRIDES[output_stride]
     else:
         default_strides, default_dilations = OUTPUT_STRIDES[32]
+        if strides is not None and (not int_seq(strides, 4) or any(s not in (1, 2) for s in strides)):
+            bad(f"strides={strides!r} must be four values of 1 or 2 (res2..res5)")
+        if dilations is not None and (not int_seq(dilations, 4) or any(d < 1 for d in dilations)):
+            bad(f"dilations={dilations!r} must be four integers >= 1 (res2..res5)")
         strides = tuple(strides) if strides is not None else default_strides
         dilations = tuple(dilations) if dilations is not None else default_dilations
-        if len(strides) != 4 or any(s not in (1, 2) for s in strides):
-            bad(f"strides={strides} must be four values of 1 or 2 (res2..res5)")
-        if len(dilations) != 4 or any(int(d) != d or d < 1 for d in dilations):
-            bad(f"dilations={dilations} must be four integers >= 1 (res2..res5)")
-    if multi_grid is not None and (len(multi_grid) == 0 or any(g < 1 for g in multi_grid)):
-        bad(f"multi_grid={tuple(multi_grid)} must be a non-empty list of integers >= 1")
+        total = 4
+        for s in strides:
+            total *= s
+        if output_stride != 32 and output_stride != total:
+            bad(f"output_stride={output_stride!r} contradicts strides={strides} (output stride {total}); "
+                "give one or the other")
+    if multi_grid is not None and (not int_seq(multi_grid) or len(list(multi_grid)) == 0
+                                   or any(g < 1 for g in multi_grid)):
+        bad(f"multi_grid={multi_grid!r} must be a non-empty list of integers >= 1")
     for stage, planes in zip(STAGE_NAMES, STAGE_PLANES):
         group_width = int(planes * (bottleneck_width / 64.0)) * cardinality
+        if group_width < 1:
+            bad(f"{stage}: bottleneck_width={bottleneck_width} gives no bottleneck channels")
         if radix >= 1 and group_width % (cardinality * radix):
             bad(f"{stage}: bottleneck channels {group_width} (planes {planes} x width {bottleneck_width}/64 "
-                f"x cardinality {cardinality}) are not divisible by cardinality*radix={cardinality * radix}")
+                f"x cardinality {cardinality}) are not divisible by cardinality*radix={cardinality * radix}: "
+                f"change radix={radix}, cardinality={cardinality} or bottleneck_width={bottleneck_width}")
+        if radix >= 1:
+            inter = max(group_width * radix // reduction_factor, 32)
+            if inter % cardinality:
+                bad(f"{stage}: the split-attention width {inter} (max(channels {group_width} x radix {radix} "
+                    f"// reduction_factor {reduction_factor}, 32)) is not divisible by "
+                    f"cardinality={cardinality}")
+    if isinstance(out_features, str):
+        bad(f"out_features={out_features!r} must be a list of names, e.g. ['res4'] not 'res4'")
     unknown = [f for f in out_features if f not in ("stem",) + STAGE_NAMES]
     if unknown or not out_features:
         bad(f"out_features={list(out_features)} must be a non-empty subset of {['stem', *STAGE_NAMES]}")

@@ -59,17 +59,20 @@ class SplitAttentionConv2d(nn.Module):
         self.dropblock = DropBlock2D(dropblock_prob, 3) if dropblock_prob > 0 else nn.Identity()
         self.relu = nn.ReLU(inplace=True)
         self.fc1 = nn.Conv2d(channels, inter_channels, 1, groups=cardinality)
-        self.bn1 = norm_layer(inter_channels) if norm_layer is not None else nn.Identity()
+        self.bn1 = _pooled_norm(norm_layer, inter_channels) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Conv2d(inter_channels, channels * radix, 1, groups=cardinality)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.dropblock(self.bn0(self.conv(x))))
         batch = x.size(0)
-        # Global context = spatial mean of the sum of the splits. Pooling first and then summing the
-        # radix pooled vectors is the same number, without a full-size (C, H, W) temporary.
-        gap = x.mean((2, 3), keepdim=True)
+        # Global context = spatial mean of the sum of the splits, reduced in the official code's order
+        # (sum the splits, then adaptive_avg_pool2d). Do not reorder (e.g. pool first, or .mean()): the
+        # rounding differences grow through deep nets (ResNeSt-101 with random BN statistics: 0.07 at
+        # res5 instead of bit-exact), and tests/test_fidelity.py requires 1e-5 to the official features.
         if self.radix > 1:
-            gap = gap.view(batch, self.radix, self.channels, 1, 1).sum(1)
+            gap = F.adaptive_avg_pool2d(sum_splits(x, self.radix), 1)
+        else:
+            gap = F.adaptive_avg_pool2d(x, 1)
         gap = self.fc1(gap)
         if torch.jit.is_scripting():
             gap = self._attention_norm_scripted(gap)
@@ -80,10 +83,8 @@ class SplitAttentionConv2d(nn.Module):
             # rSoftMax: fc2 output is (cardinality, radix, c); softmax over radix, back to radix-major.
             attention = attention.view(batch, self.cardinality, self.radix, -1).transpose(1, 2)
             attention = F.softmax(attention, dim=1).reshape(batch, self.radix, self.channels, 1, 1)
-            # One view of the conv output as (batch, radix, channels, H, W) (no split / stack / copy; also
-            # valid for channels_last tensors) and one weighted sum over radix.
-            splits = x.view(batch, self.radix, self.channels, x.size(2), x.size(3))
-            return (splits * attention).sum(dim=1)
+            # Weighted sum of the splits over views of the conv output (no split / stack / copy).
+            return weighted_split_sum(x, attention, self.radix)
         return x * torch.sigmoid(attention)
 
     def _attention_norm_scripted(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,3 +117,57 @@ def _synced_across_processes(norm: nn.Module) -> bool:
     # SyncBN in a multi-process run sees the whole global batch, so batch 1 per process is fine there.
     return (isinstance(norm, nn.SyncBatchNorm) and torch.distributed.is_available()
             and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+
+
+def sum_splits(x: torch.Tensor, radix: int) -> torch.Tensor:
+    """The sum of the radix splits of a radix-major (B, radix*C, H, W) tensor, added in radix order as the
+    official `sum(torch.split(x, C, 1))` (bit-identical), over a view of `x`. For a channels_last `x` the sum
+    runs over the (B, H*W, radix, C) memory order and gives a channels_last result: the (B, radix, C, H, W)
+    view would be a strided reduction with an NCHW result (2-4x slower forward + backward)."""
+    batch, height, width = x.size(0), x.size(2), x.size(3)
+    channels = x.size(1) // radix
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        hwrc = x.permute(0, 2, 3, 1).reshape(batch, height * width, radix, channels)
+        return hwrc.sum(2).view(batch, height, width, channels).permute(0, 3, 1, 2)
+    return x.view(batch, radix, channels, height, width).sum(1)
+
+
+def weighted_split_sum(x: torch.Tensor, attention: torch.Tensor, radix: int) -> torch.Tensor:
+    """sum_r x[:, r*C:(r+1)*C] * attention[:, r]: the splits of a radix-major (B, radix*C, H, W) tensor
+    weighted by `attention` (B, radix, C, 1, 1) and summed, over views of `x` (no split / stack / copy);
+    channels_last inputs give channels_last outputs.
+
+    Bit-identical to the official `sum([att * split for ...])`: each product is rounded on its own and the
+    products are added in radix order (no fused multiply-add, which rounds differently and which deep nets
+    amplify past the 1e-5 fidelity bound of tests/test_fidelity.py). Two forms of the same arithmetic:
+      - with autograd: one broadcast multiply over a (B, radix, C, H, W) view and a sum over radix. Its
+        backward is one multiply per input, where per-split products (`x[:, r] * a[:, r]`) would make
+        autograd fill a zero (B, radix*C, H, W) gradient per split and add them up: 2x slower backward;
+      - without (eval, no_grad): radix-2 products of the two split views and one add: no
+        (B, radix*C, H, W) temporary.
+    """
+    batch, height, width = x.size(0), x.size(2), x.size(3)
+    channels = x.size(1) // radix
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # channels_last memory is (B, H, W, radix, C): reduce over radix in that layout, return a
+        # channels_last (B, C, H, W) view.
+        hwrc = x.permute(0, 2, 3, 1).reshape(batch, height * width, radix, channels)
+        out = (hwrc * attention.view(batch, 1, radix, channels)).sum(2)
+        return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    splits = x.view(batch, radix, channels, height, width)
+    if radix == 2 and not (x.requires_grad or attention.requires_grad):
+        return splits[:, 0] * attention[:, 0] + splits[:, 1] * attention[:, 1]
+    return (splits * attention).sum(1)
+
+
+def _pooled_norm(norm_layer: Callable[[int], nn.Module], channels: int) -> nn.Module:
+    """The norm after the global pool. GroupNorm there sees one value per channel, so a group of one
+    channel would be normalised to zero (and torch refuses it: "Expected more than 1 value per channel");
+    use at most channels/2 groups. Parameters and their shapes are unchanged, so checkpoints still load."""
+    norm = norm_layer(channels)
+    if isinstance(norm, nn.GroupNorm) and norm.num_channels // norm.num_groups < 2:
+        groups = max(g for g in range(1, channels // 2 + 1) if channels % g == 0 and channels // g >= 2)
+        fixed = nn.GroupNorm(groups, channels, norm.eps, norm.affine)
+        fixed.load_state_dict(norm.state_dict())
+        norm = fixed
+    return norm

@@ -1,0 +1,309 @@
+"""Inference fast path ("deploy" form) of a ResNeSt trunk.
+
+    trunk = build_resnest("resnest50").eval()        # or a detectron2 ResNeStBackbone, frozen or not
+    fast = fuse_resnest(trunk)                       # a converted copy (inplace=True: convert this one)
+    fast = deploy(trunk, channels_last=True)         # fuse + channels_last (+ compile=True: torch.compile)
+
+What changes (the outputs do not, up to float rounding; tests/test_fuse.py checks every variant):
+  - every BatchNorm / SyncBatchNorm (running statistics) and FrozenBatchNorm (core or detectron2) is folded
+    into the conv before it: stem convs, block conv1 / conv3, the split-attention conv (bn0), the attention
+    MLP's fc1 (bn1), the shortcut conv. GroupNorm cannot be folded and is kept;
+  - the split-attention rows of fc2 are permuted once to radix-major order, so rSoftMax is a plain softmax
+    over a (batch, radix, channels) view: no transpose, no copy;
+  - the attention is computed with one reshape and tensor ops over the radix dimension (no split / stack /
+    list sum), and the residual add + ReLU run in place; DropBlock (a no-op in inference) is dropped;
+  - channels_last is supported end to end (views only, no `.contiguous()`), which is what oneDNN / cuDNN
+    convolutions prefer.
+The converted modules are inference only: folded statistics can no longer update (train() changes nothing).
+The result stays a ResNeSt (same class, same `forward`, `output_shape()` for detectron2), and scripts,
+traces and exports to ONNX like the original.
+"""
+import copy
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .split_attention import SplitAttentionConv2d
+from .trunk import Bottleneck, ResNeSt
+
+__all__ = ["FusedBottleneck", "FusedSplitAttention", "deploy", "fold_conv_norm", "fuse_resnest", "fuse_model",
+           "fused_split_sum", "norm_scale_shift"]
+
+
+# ---------------------------------------------------------------------------------------------- folding
+def norm_scale_shift(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(scale, shift), in float64, with `norm(x) == x * scale + shift` per channel at inference time,
+    or None when the norm is not a per-channel affine map at inference (GroupNorm, BN without running
+    statistics, anything unknown)."""
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):  # BN, SyncBN, detectron2's BatchNorm2d, ...
+        if norm.running_mean is None or norm.running_var is None:
+            return None  # track_running_stats=False: batch statistics even in eval
+        mean, var = norm.running_mean, norm.running_var
+        weight = norm.weight if norm.affine else None
+        bias = norm.bias if norm.affine else None
+    elif _is_frozen_bn(norm):  # core.FrozenBatchNorm2d and detectron2.layers.FrozenBatchNorm2d
+        mean, var, weight, bias = norm.running_mean, norm.running_var, norm.weight, norm.bias
+    else:
+        return None
+    scale = (var.detach().double() + norm.eps).rsqrt()
+    if weight is not None:
+        scale = scale * weight.detach().double()
+    shift = -mean.detach().double() * scale
+    if bias is not None:
+        shift = shift + bias.detach().double()
+    return scale, shift
+
+
+def _is_frozen_bn(norm: nn.Module) -> bool:
+    return (type(norm).__name__ == "FrozenBatchNorm2d"
+            and all(isinstance(getattr(norm, n, None), torch.Tensor)
+                    for n in ("weight", "bias", "running_mean", "running_var")))
+
+
+def fold_conv_norm(conv: nn.Conv2d, norm: Optional[nn.Module]) -> Tuple[nn.Conv2d, nn.Module]:
+    """Return (conv', norm') computing norm(conv(x)) at inference: norm folded into a copy of the conv
+    (weights scaled per output channel, a bias added) and nn.Identity(); or the pair unchanged when the
+    norm cannot be folded (GroupNorm, ...). The originals are not modified."""
+    if norm is None or isinstance(norm, nn.Identity):
+        return conv, nn.Identity()
+    stats = norm_scale_shift(norm)
+    if stats is None:
+        return conv, norm
+    scale, shift = stats
+    fused = copy.deepcopy(conv)
+    weight = conv.weight.detach()
+    fused.weight = nn.Parameter((weight.double() * scale.view(-1, *([1] * (weight.dim() - 1))))
+                                .to(weight.dtype), requires_grad=False)
+    bias = shift if conv.bias is None else conv.bias.detach().double() * scale + shift
+    fused.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=False)
+    return fused, nn.Identity()
+
+
+# ------------------------------------------------------------------------------------ fused modules
+def fused_split_sum(x: torch.Tensor, attention: torch.Tensor, radix: int) -> torch.Tensor:
+    """sum_r x[:, r*C:(r+1)*C] * attention[:, r] for a radix-major (B, radix*C, H, W) `x` and `attention`
+    (B, radix, C, 1, 1), over views of `x` (no split / stack / copy), keeping channels_last layouts.
+
+    radix 2: one multiply and one in-place fused multiply-add (addcmul_) into a preallocated output in
+    `x`'s layout: each split is read once and no (B, radix*C, H, W) product is materialised. Other radix:
+    one broadcast multiply and a sum over the radix dimension (in the channels_last memory order when `x`
+    is channels_last: a plain reduction over an inner axis instead of a strided one).
+    (The training-form module keeps the official code's order of operations, bit for bit; this one may
+    round differently, by about 1e-7 relative.)"""
+    batch, height, width = x.size(0), x.size(2), x.size(3)
+    channels = x.size(1) // radix
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if radix == 2:
+        splits = x.view(batch, 2, channels, height, width)
+        if torch.jit.is_tracing() or x.requires_grad:  # export / autograd: functional ops only
+            return torch.addcmul(splits[:, 0] * attention[:, 0], splits[:, 1], attention[:, 1])
+        # An explicit output: a product of the split views gets odd strides at batch 1 (the batch stride
+        # of a channels_last view is C), which pooling / conv layers then read as NCHW and copy.
+        out = torch.empty([batch, channels, height, width], dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.mul(splits[:, 0], attention[:, 0], out=out)
+        return out.addcmul_(splits[:, 1], attention[:, 1])
+    if channels_last:
+        hwrc = x.permute(0, 2, 3, 1).reshape(batch, height * width, radix, channels)  # a view
+        out = (hwrc * attention.view(batch, 1, radix, channels)).sum(2)
+        return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    return (x.view(batch, radix, channels, height, width) * attention).sum(1)
+
+
+class FusedSplitAttention(nn.Module):
+    """Inference form of SplitAttentionConv2d: bn0 and bn1 folded, fc2 rows in radix-major order."""
+
+    def __init__(self, sa: SplitAttentionConv2d):
+        super().__init__()
+        self.radix = sa.radix
+        self.cardinality = sa.cardinality
+        self.channels = sa.channels
+        self.conv, self.norm0 = fold_conv_norm(sa.conv, sa.bn0)
+        self.fc1, self.norm1 = fold_conv_norm(sa.fc1, sa.bn1)
+        if self.radix > 1 and self.cardinality > 1:
+            self.fc2 = _radix_major_fc2(sa.fc2, self.cardinality, self.radix)
+        else:  # one cardinal group, or radix 1 (sigmoid): the rows are already in the conv's order
+            self.fc2 = copy.deepcopy(sa.fc2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.norm0(self.conv(x)), inplace=True)
+        batch = x.size(0)
+        gap = x.mean((2, 3), keepdim=True)
+        if self.radix > 1:
+            gap = gap.view(batch, self.radix, self.channels, 1, 1).sum(1)
+        attention = self.fc2(F.relu(self.norm1(self.fc1(gap)), inplace=True))
+        if self.radix > 1:
+            attention = F.softmax(attention.view(batch, self.radix, self.channels, 1, 1), dim=1)
+            return fused_split_sum(x, attention, self.radix)
+        if x.requires_grad:
+            return x * torch.sigmoid(attention)
+        return x.mul_(torch.sigmoid(attention))  # radix 1: a gate, in place on the conv output
+
+
+def _radix_major_fc2(fc2: nn.Conv2d, cardinality: int, radix: int) -> nn.Conv2d:
+    """fc2 is grouped by cardinality and its output is cardinality-major (k, r, c). Return the same map as
+    one dense 1x1 conv (block-diagonal weight) whose output rows are radix-major (r, k, c), the layout of
+    the split conv, so rSoftMax becomes a softmax over a plain (B, radix, channels) view. (Rows of a grouped
+    conv cannot be permuted across groups; the dense form costs a few kMACs on a 1x1 input.)"""
+    rows, per_group_in = fc2.out_channels, fc2.in_channels // cardinality
+    rows_per_group = rows // cardinality
+    weight = fc2.weight.detach()
+    dense = torch.zeros(rows, fc2.in_channels, 1, 1, dtype=weight.dtype)
+    for k in range(cardinality):
+        dense[k * rows_per_group:(k + 1) * rows_per_group, k * per_group_in:(k + 1) * per_group_in] = \
+            weight[k * rows_per_group:(k + 1) * rows_per_group]
+    order = torch.arange(rows).view(cardinality, radix, -1).transpose(0, 1).reshape(-1)
+    out = nn.Conv2d(fc2.in_channels, rows, 1, bias=fc2.bias is not None)
+    out.weight = nn.Parameter(dense[order].clone(), requires_grad=False)
+    if fc2.bias is not None:
+        out.bias = nn.Parameter(fc2.bias.detach()[order].clone(), requires_grad=False)
+    return out
+
+
+class FusedBottleneck(nn.Module):
+    """Inference form of Bottleneck: every foldable norm folded into its conv; in-place add + ReLU."""
+
+    def __init__(self, block: Bottleneck):
+        super().__init__()
+        self.out_channels = block.out_channels
+        self.conv1, self.norm1 = fold_conv_norm(block.conv1, block.bn1)
+        avd = block.avd_layer is not None
+        self.pool_before = copy.deepcopy(block.avd_layer) if avd and block.avd_first else None
+        self.pool_after = copy.deepcopy(block.avd_layer) if avd and not block.avd_first else None
+        if isinstance(block.conv2, SplitAttentionConv2d):
+            self.conv2 = FusedSplitAttention(block.conv2)
+            self.norm2 = None
+        else:  # radix 0: plain grouped conv + norm + ReLU
+            conv2, norm2 = fold_conv_norm(block.conv2, block.bn2)
+            self.conv2 = conv2
+            self.norm2 = norm2
+        self.conv3, self.norm3 = fold_conv_norm(block.conv3, block.bn3)
+        self.downsample = _fuse_downsample(block.downsample) if block.downsample is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        if self.pool_before is not None:
+            out = self.pool_before(out)
+        out = self.conv2(out)
+        if self.norm2 is not None:
+            out = F.relu(self.norm2(out), inplace=True)
+        if self.pool_after is not None:
+            out = self.pool_after(out)
+        out = self.norm3(self.conv3(out))
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        return F.relu(out.add_(shortcut), inplace=True)
+
+
+def _fold_sequence(layers) -> list:
+    """Fold each (Conv2d, foldable norm) pair of a layer list; other layers are kept (copied)."""
+    layers = list(layers)
+    out = []
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, nn.Conv2d) and nxt is not None and norm_scale_shift(nxt) is not None:
+            out.append(fold_conv_norm(layer, nxt)[0])
+            i += 2
+        else:
+            out.append(copy.deepcopy(layer))
+            i += 1
+    return out
+
+
+def _fuse_downsample(seq: nn.Module) -> nn.Module:
+    """[AvgPool,] Conv, Norm -> [AvgPool,] Conv' (norm folded; kept when it cannot be)."""
+    if not isinstance(seq, nn.Sequential):
+        return copy.deepcopy(seq)
+    return nn.Sequential(*_fold_sequence(seq))
+
+
+def _fuse_stem(model: ResNeSt) -> None:
+    """Fold the stem's norms: conv1 (a deep-stem Sequential or one 7x7 conv) and bn1."""
+    if isinstance(model.conv1, nn.Sequential):
+        fused = _fold_sequence(model.conv1)
+        if isinstance(fused[-1], nn.Conv2d) and norm_scale_shift(model.bn1) is not None:
+            fused[-1], model.bn1 = fold_conv_norm(fused[-1], model.bn1)
+        model.conv1 = nn.Sequential(*fused)
+    elif isinstance(model.conv1, nn.Conv2d):
+        model.conv1, model.bn1 = fold_conv_norm(model.conv1, model.bn1)
+
+
+# ------------------------------------------------------------------------------------------- entry points
+def fuse_resnest(model: ResNeSt, inplace: bool = False, channels_last: bool = False) -> ResNeSt:
+    """The inference form of a ResNeSt trunk (or a subclass, e.g. the detectron2 ResNeStBackbone).
+
+    Returns a converted copy (or `model` itself with inplace=True), in eval mode, with gradients off.
+    Equal to `model.eval()` up to float rounding (about 1e-6 relative in fp32)."""
+    if not isinstance(model, ResNeSt):
+        raise TypeError(f"fuse_resnest expects a ResNeSt trunk, got {type(model).__name__} "
+                        "(use fuse_model for a model that contains one)")
+    if getattr(model, "is_fused", False):
+        return model
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    with torch.no_grad():
+        _fuse_stem(model)
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            stage = getattr(model, name)
+            setattr(model, name, nn.Sequential(*[FusedBottleneck(block) if isinstance(block, Bottleneck)
+                                                 else block for block in stage]))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.is_fused = True
+    model.eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def fuse_model(model: nn.Module, inplace: bool = False, channels_last: bool = False) -> nn.Module:
+    """Fuse every ResNeSt trunk inside `model` (e.g. a detectron2 GeneralizedRCNN's backbone.bottom_up),
+    and fold the norms of detectron2-style convs that carry one (`conv.norm`: FPN, box head) when they are
+    BN / FrozenBN. Returns a converted copy (or `model` with inplace=True), in eval mode."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    if isinstance(model, ResNeSt):
+        return fuse_resnest(model, inplace=True, channels_last=channels_last)
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if isinstance(module, ResNeSt):
+                fuse_resnest(module, inplace=True)
+            elif (isinstance(module, nn.Conv2d) and isinstance(getattr(module, "norm", None), nn.Module)
+                  and norm_scale_shift(module.norm) is not None):
+                # detectron2.layers.Conv2d: forward = activation(norm(conv(x))); fold norm into the conv.
+                folded, _ = fold_conv_norm(_plain_conv(module), module.norm)
+                module.weight = folded.weight
+                module.bias = folded.bias
+                module.norm = None
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+    plain.weight = conv.weight
+    plain.bias = conv.bias
+    return plain
+
+
+def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, inplace: bool = False,
+           **compile_kwargs) -> nn.Module:
+    """fuse_model + channels_last, and optionally torch.compile.
+
+    compile=True uses inductor with `freezing` (weights become constants: oneDNN weight prepacking and
+    conv + ReLU / conv + add + ReLU fusion on CPU) unless `compile_kwargs` say otherwise. Measured by
+    tools/benchmark.py (docs/benchmark.md); on CPU it needs a C++ compiler, the first call for each input
+    shape takes minutes, and a new input shape recompiles (pass dynamic=True to avoid that, usually slower).
+    """
+    model = fuse_model(model, inplace=inplace, channels_last=channels_last)
+    if compile:
+        compile_kwargs.setdefault("options", {"freezing": True})
+        model = torch.compile(model, **compile_kwargs)
+    return model

@@ -1,0 +1,226 @@
+"""The inference fast path (core/fuse.py) equals the training-form trunk it was made from."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from resnest_backbone.core import VARIANTS, FrozenBatchNorm2d, ResNeSt, build_resnest
+from resnest_backbone.core.fuse import (FusedBottleneck, FusedSplitAttention, fold_conv_norm, fuse_model,
+                                        fuse_resnest, fused_split_sum)
+from resnest_backbone.core.split_attention import SplitAttentionConv2d, weighted_split_sum
+
+ATOL = 1e-4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small tensors: one thread is faster, and far faster on a loaded machine (no OpenMP spin-waits).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters (what folding must get right), scaled so that the
+    activations stay O(1) through hundreds of layers."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)) or \
+                    type(m).__name__ == "FrozenBatchNorm2d":
+                n = m.num_features
+                m.running_mean.copy_(torch.empty(n).uniform_(-0.3, 0.3, generator=g))
+                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=g))
+                last = name.endswith("bn3") or name.endswith("downsample.2")
+                low, high = (0.05, 0.3) if last else (0.5, 1.5)
+                m.weight.copy_(torch.empty(n).uniform_(low, high, generator=g))
+                m.bias.copy_(torch.empty(n).uniform_(-0.2, 0.2, generator=g))
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.copy_(torch.empty(m.bias.shape).uniform_(-0.2, 0.2, generator=g))
+    return model
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert list(a) == list(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def check_equal(model: nn.Module, x: torch.Tensor, **fuse_kwargs) -> nn.Module:
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        fused = fuse_resnest(model, **fuse_kwargs)
+        if fuse_kwargs.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = fused(x)
+    assert max(v.abs().max().item() for v in ref.values()) > 0.05  # a real signal, not all zeros
+    assert max_diff(ref, out) < ATOL
+    return fused
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_fused_equals_unfused(name):
+    torch.manual_seed(0)
+    model = randomize_norms(build_resnest(name))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        keys_before = list(model.state_dict())
+        fused = fuse_resnest(model, inplace=True)  # in place: the big variants are not copied
+        out = fused(x)
+    assert fused is model and keys_before[0] == "conv1.0.weight"
+    assert max_diff(ref, out) < ATOL
+    # every BN went into a conv: no norm layer is left, and every block is the fused form
+    assert not [m for m in fused.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    blocks = [b for stage in (fused.layer1, fused.layer2, fused.layer3, fused.layer4) for b in stage]
+    assert len(blocks) == sum(VARIANTS[name].layers)
+    assert all(isinstance(b, FusedBottleneck) for b in blocks)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(radix=4, cardinality=2, bottleneck_width=40, avd_first=True),  # fc2 rows reordered across groups
+    dict(radix=1, cardinality=4, bottleneck_width=24),  # sigmoid gate
+    dict(radix=0),  # plain grouped conv (ResNeXt block)
+    dict(deep_stem=False),  # 7x7 stem
+    dict(output_stride=8),  # dilated res4/res5
+])
+def test_fused_equals_unfused_channels_last_and_knobs(overrides):
+    torch.manual_seed(0)
+    model = randomize_norms(build_resnest("resnest14d", **overrides))
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(2))
+    fused = check_equal(model, x, channels_last=True)
+    outs = fused(x.contiguous(memory_format=torch.channels_last))
+    # channels_last is kept end to end: no silent conversion back to NCHW
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in outs.values())
+
+
+def test_fuse_copies_by_default_and_method_fuses_in_place():
+    torch.manual_seed(0)
+    model = randomize_norms(build_resnest("resnest14d")).eval()
+    before = copy.deepcopy(model.state_dict())
+    fused = fuse_resnest(model)
+    assert fused is not model
+    after = model.state_dict()
+    assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(model.layer1[0].conv2, SplitAttentionConv2d)  # original untouched, still trainable
+    same = model.fuse()
+    assert same is model and isinstance(model.layer1[0].conv2, FusedSplitAttention)
+    assert model.fuse() is model  # idempotent
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(fused(x), model(x)) < 1e-6
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", ["FrozenBN", "GN", "SyncBN"])
+def test_other_norms(norm):
+    """FrozenBN and SyncBN (eval: running statistics) fold; GroupNorm cannot and is kept."""
+    torch.manual_seed(0)
+    model = randomize_norms(build_resnest("resnest14d", norm=norm))
+    fused = check_equal(model, torch.randn(2, 3, 32, 32))
+    kept = [m for m in fused.modules() if isinstance(m, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
+                                                          FrozenBatchNorm2d))]
+    assert bool(kept) == (norm == "GN")
+
+
+def test_frozen_trunk_and_detectron2_backbone():
+    d2 = pytest.importorskip("resnest_backbone.d2", reason="detectron2 is not installed")
+    from resnest_backbone.core import get_variant
+
+    torch.manual_seed(0)
+    backbone = d2.ResNeStBackbone(**get_variant("resnest14d").arch(), norm="BN")
+    randomize_norms(backbone).freeze(3)  # stem + res2 + res3 -> detectron2 FrozenBatchNorm2d
+    assert any(type(m).__module__.startswith("detectron2") for m in backbone.modules())
+    shapes = backbone.output_shape()
+    fused = check_equal(backbone, torch.randn(1, 3, 64, 64))
+    assert isinstance(fused, d2.ResNeStBackbone) and fused.output_shape() == shapes
+
+
+def test_fold_conv_norm_and_weighted_sum_units():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=True)
+    bn = randomize_norms(nn.Sequential(nn.BatchNorm2d(6)))[0].eval()
+    folded, rest = fold_conv_norm(conv, bn)
+    x = torch.randn(2, 8, 5, 7)
+    assert isinstance(rest, nn.Identity)
+    torch.testing.assert_close(folded(x), bn(conv(x)), atol=1e-5, rtol=1e-5)
+    gn = nn.GroupNorm(2, 6)
+    assert fold_conv_norm(conv, gn) == (conv, gn)  # not foldable: unchanged
+    for radix in (2, 3, 4):
+        for channels_last in (False, True):
+            x = torch.randn(2, radix * 5, 4, 6)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            a = torch.rand(2, radix, 5, 1, 1)
+            ref = sum(x[:, r * 5:(r + 1) * 5] * a[:, r] for r in range(radix))
+            for fn in (fused_split_sum, weighted_split_sum):
+                out = fn(x, a, radix)
+                torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+                assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_fuse_model_on_a_container():
+    torch.manual_seed(0)
+    trunk = randomize_norms(build_resnest("resnest14d", out_features=("res5",)))
+    model = nn.Sequential()
+    model.add_module("trunk", trunk)
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)["res5"]
+        fused = fuse_model(model)
+        out = fused(x)["res5"]
+    assert isinstance(fused.trunk, ResNeSt) and fused.trunk.is_fused
+    assert (out - ref).abs().max().item() < ATOL
+    with pytest.raises(TypeError, match="ResNeSt trunk"):
+        fuse_resnest(model)
+
+
+def test_training_form_is_unchanged_by_the_fast_path_edits():
+    """The trunk keeps the official key names and the batch-1 training fallback of attention_norm."""
+    torch.manual_seed(0)
+    model = randomize_norms(build_resnest("resnest14d"))
+    keys = set(model.state_dict())
+    assert {"conv1.0.weight", "bn1.running_mean", "layer1.0.conv2.conv.weight", "layer1.0.conv2.bn0.weight",
+            "layer1.0.conv2.fc1.bias", "layer1.0.conv2.bn1.running_var", "layer1.0.conv2.fc2.weight",
+            "layer1.0.downsample.1.weight", "layer4.0.downsample.2.bias"} <= keys
+    bn1 = model.layer2[0].conv2.bn1
+    stats = bn1.running_mean.clone()
+    model.train()
+    out = model(torch.randn(1, 3, 64, 64))  # batch 1 in training: running statistics, no crash
+    assert torch.equal(bn1.running_mean, stats)
+    sum(v.mean() for v in out.values()).backward()
+    assert model.layer1[0].conv2.fc1.weight.grad is not None
+
+
+def test_fuse_model_on_faster_rcnn():
+    """A whole detectron2 Faster R-CNN ResNeSt-FPN: trunk fused, FPN / head norms folded, channels_last."""
+    pytest.importorskip("resnest_backbone.d2", reason="detectron2 is not installed")
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from resnest_backbone.d2 import add_resnest_config
+
+    cfg = get_cfg()
+    add_resnest_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "faster_rcnn_resnest50_fpn.yaml"))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.RESNEST.VARIANT", "resnest14d",
+                         "MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    torch.manual_seed(0)
+    model = randomize_norms(build_model(cfg)).eval()
+    fused = fuse_model(model, channels_last=True)
+    assert fused.backbone.bottom_up.is_fused and not [
+        m for m in fused.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # FPN + head folded too
+    image = torch.rand(3, 128, 160, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        ref = model([{"image": image}])[0]["instances"]
+        out = fused([{"image": image}])[0]["instances"]
+    assert len(ref) == len(out) > 0
+    torch.testing.assert_close(out.pred_boxes.tensor, ref.pred_boxes.tensor, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(out.scores, ref.scores, atol=1e-4, rtol=1e-4)

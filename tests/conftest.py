@@ -26,9 +26,13 @@ def randomize_norm_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
     return model
 
 
-@pytest.fixture
-def randomize():
-    return randomize_norm_stats
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one thread is faster, and far faster on a loaded machine (no OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def official_features(model, x):

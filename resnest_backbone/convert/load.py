@@ -11,7 +11,7 @@ mmdet, detectron2-ResNeSt fork, ours; under any wrapper prefix such as `module.`
 `backbone.bottom_up.`) and renamed to the model's (official) names before loading.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -72,6 +72,51 @@ def _ignorable(key: str) -> bool:
     return key.endswith("num_batches_tracked")  # BN step counters: FrozenBN and detectron2 files have none
 
 
+def trunk_weights(weights: Dict[str, torch.Tensor], naming, prefix: str, expected, report: LoadReport,
+                  rename: Optional[Callable[[str], Optional[str]]] = None) -> Dict[str, torch.Tensor]:
+    """The file's trunk tensors under the model's (official) names. Keys outside `prefix` and a classifier
+    the model lacks go to report.ignored; report.detected says which variants the tensors match.
+    `rename` maps an official name to the model's own where they differ (None: keep it)."""
+    official: Dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if not key.startswith(prefix):
+            report.ignored.append(key)
+            continue
+        name = naming.to_official(key[len(prefix):])
+        if rename is not None:
+            name = rename(name) or name
+        if name.startswith("fc.") and name not in expected:
+            report.ignored.append(key)  # the ImageNet classifier
+            continue
+        official[name] = value
+    try:
+        arch = read_arch(official)
+        report.detected = ", ".join(variants_matching(arch)) or f"no known variant ({_fmt_arch(arch)})"
+    except CheckpointError as exc:
+        report.detected = f"unreadable architecture ({exc})"
+    return official
+
+
+def compare_with_model(expected: Dict[str, torch.Tensor], official: Dict[str, torch.Tensor],
+                       report: LoadReport) -> Dict[str, torch.Tensor]:
+    """Fill report.missing / mismatched / unexpected and return the tensors that fit (step counters
+    included when both sides have them, never reported when only one side has them)."""
+    to_load = {}
+    for key, want in expected.items():
+        if key not in official:
+            if not _ignorable(key):
+                report.missing.append(f"{key} {list(want.shape)}")
+        elif official[key].shape != want.shape:
+            if not _ignorable(key):
+                report.mismatched.append(f"{key}: checkpoint {list(official[key].shape)}, model "
+                                         f"{list(want.shape)}")
+        else:
+            to_load[key] = official[key]
+    report.unexpected = [f"{k} {list(v.shape)}" for k, v in official.items()
+                         if k not in expected and not _ignorable(k)]
+    return to_load
+
+
 def load_weights(model: nn.Module, path: str, strict: bool = True) -> LoadReport:
     """Read `path` safely, rename it to the model's names and load it into the model's ResNeSt trunk.
 
@@ -90,36 +135,8 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> LoadReport
                               f"nothing was loaded. First keys: {_first_keys(weights)}") from None
     report.naming, report.prefix = naming.name, prefix
     expected = trunk.state_dict()
-    official: Dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        if not key.startswith(prefix):
-            report.ignored.append(key)
-            continue
-        name = naming.to_official(key[len(prefix):])
-        if name.startswith("fc.") and name not in expected:
-            report.ignored.append(key)
-            continue
-        official[name] = value
-    try:
-        arch = read_arch(official)
-        report.detected = ", ".join(variants_matching(arch)) or f"no known variant ({_fmt_arch(arch)})"
-    except CheckpointError as exc:
-        report.detected = f"unreadable architecture ({exc})"
-
-    to_load = {}
-    for key, want in expected.items():
-        if _ignorable(key):
-            continue
-        if key not in official:
-            report.missing.append(f"{key} {list(want.shape)}")
-        elif official[key].shape != want.shape:
-            report.mismatched.append(f"{key}: checkpoint {list(official[key].shape)}, model {list(want.shape)}")
-    for key, value in official.items():
-        if key in expected:
-            if value.shape == expected[key].shape:
-                to_load[key] = value
-        elif not _ignorable(key):
-            report.unexpected.append(f"{key} {list(value.shape)}")
+    official = trunk_weights(weights, naming, prefix, expected, report)
+    to_load = compare_with_model(expected, official, report)
     if strict and not report.complete:
         problems = report.mismatched + [f"missing {k}" for k in report.missing] + \
             [f"unexpected {k}" for k in report.unexpected]
@@ -141,4 +158,4 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> LoadReport
     return report
 
 
-__all__ = ["LoadReport", "find_trunk", "load_weights"]
+__all__ = ["LoadReport", "compare_with_model", "find_trunk", "load_weights", "trunk_weights"]

@@ -16,7 +16,7 @@ BatchNorm in eval mode during training; norm_cfg any mmcv norm (BN, SyncBN, GN, 
 """
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.logging import print_log
@@ -24,9 +24,9 @@ from mmengine.model import BaseModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..convert.convert import _fmt_arch, describe_foreign, read_arch, variants_matching
+from ..convert.convert import describe_foreign
 from ..convert.io import CheckpointError, load_state_dict
-from ..convert.load import LoadReport
+from ..convert.load import LoadReport, compare_with_model, trunk_weights
 from ..convert.naming import MMDET, detect_naming
 from ..core import STAGE_NAMES, ResNeSt, SyncBatchNorm, get_variant
 
@@ -223,37 +223,8 @@ class ResNeStSA(ResNeSt, BaseModule):
         report.naming, report.prefix = naming.name, (prefix or "") + found
         expected = self.state_dict()
         own = set(expected)
-        official: Dict[str, torch.Tensor] = {}
-        for key, value in weights.items():
-            if not key.startswith(found):
-                report.ignored.append(key)
-                continue
-            name = naming.to_official(key[len(found):])
-            name = _to_ours(name, own) or name
-            if name.startswith("fc.") and name not in own:
-                report.ignored.append(key)  # the ImageNet classifier
-                continue
-            official[name] = value
-        try:
-            report.detected = ", ".join(variants_matching(read_arch(official))) or \
-                f"no known variant ({_fmt_arch(read_arch(official))})"
-        except CheckpointError as exc:
-            report.detected = f"unreadable architecture ({exc})"
-        to_load = {}
-        for key, want in expected.items():
-            if key.endswith("num_batches_tracked"):
-                if key in official:
-                    to_load[key] = official[key]
-                continue
-            if key not in official:
-                report.missing.append(f"{key} {list(want.shape)}")
-            elif official[key].shape != want.shape:
-                report.mismatched.append(f"{key}: checkpoint {list(official[key].shape)}, model "
-                                         f"{list(want.shape)}")
-            else:
-                to_load[key] = official[key]
-        report.unexpected = [f"{k} {list(v.shape)}" for k, v in official.items()
-                             if k not in own and not k.endswith("num_batches_tracked")]
+        official = trunk_weights(weights, naming, found, own, report, rename=lambda name: _to_ours(name, own))
+        to_load = compare_with_model(expected, official, report)
         if report.mismatched or (strict and not report.complete):
             problems = report.mismatched + [f"missing {k}" for k in report.missing] + \
                 [f"unexpected {k}" for k in report.unexpected]

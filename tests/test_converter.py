@@ -64,7 +64,8 @@ def test_cli_round_trip_d2_and_mmdet(tmp_path, official_state, capsys):
     assert "variant: resnest14d" in out and "dropped 2 keys: fc.weight, fc.bias" in out
     with open(d2, "rb") as f:
         payload = pickle.load(f)
-    assert payload["matching_heuristics"] and payload["resnest_variant"] == "resnest14d"
+    assert payload["matching_heuristics"] and payload["resnest"]["variant"] == "resnest14d"
+    assert payload["resnest"]["decided_by"] == "weights" and payload["resnest"]["arch"]["avd_first"] is False
     assert "fc.weight" not in payload["model"] and "layer1.0.conv2.fc1.weight" in payload["model"]
 
     assert convert_main([str(d2), str(mm), "--format", "mmdet"]) == 0
@@ -99,7 +100,7 @@ def test_mismatch_refused_without_output(tmp_path, official_state):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_weights.py"), src, str(dst),
                            "--variant", "resnest26d"], capture_output=True, text=True)
     assert proc.returncode != 0
-    assert "does not match variant resnest26d" in proc.stderr and "detected: resnest14d" in proc.stderr
+    assert "does not fit variant resnest26d" in proc.stderr and "detected in the file: resnest14d" in proc.stderr
     assert "missing layer1.1.conv1.weight" in proc.stderr
     assert not dst.exists() and os.listdir(tmp_path) == ["r14.pth"]
 

@@ -94,8 +94,8 @@ def test_missing_and_folder(tmp_path):
     ("vit", "Vision Transformer", "patch_embed.proj.weight [192, 3, 16, 16]"),
     ("resnet", "ResNet/ResNeXt with a 7x7 stem", "conv1.weight [64, 3, 7, 7]"),
     ("resnetd", "radix=0", "layers=(2, 2, 2, 2)"),
-    ("r26", "detected: resnest26d", "unexpected layer1.1.conv1.weight [64, 256, 1, 1]"),
-    ("fast", "resnest14d", "layer1.0.conv2.conv.weight: checkpoint [256, 16, 3, 3], resnest14d expects "
+    ("r26", "detected in the file: resnest26d", "unexpected layer1.1.conv1.weight [64, 256, 1, 1]"),
+    ("fast", "resnest14d", "layer1.0.conv2.conv.weight: checkpoint [256, 16, 3, 3], model "
                            "[128, 32, 3, 3]"),
 ])
 def test_cli_refuses_foreign_checkpoints(files, tmp_path, capsys, name, detected, mention):

@@ -12,8 +12,9 @@
 Every export is checked before the command returns: the exported model is run (onnxruntime for ONNX,
 torch.jit.load for TorchScript) on the export input and, for the backbone, on a second input of another
 batch size and resolution, and its outputs must equal PyTorch's within --atol (default 1e-4).
-Weights: --weights FILE (a state_dict in the official / timm naming; .pth, .pt or .safetensors) for the
-backbone; MODEL.WEIGHTS in the trailing config options for detectron2.
+Weights: --weights FILE for the backbone, MODEL.WEIGHTS in the trailing config options for detectron2; both
+are read by the package's safe reader (nothing in a file is executed) and checked against the model (any
+naming the converter reads; a file that does not fit is refused: exit 2, nothing written).
 """
 import argparse
 import importlib
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from resnest_backbone.convert import CheckpointError, load_weights  # noqa: E402
 from resnest_backbone.core import STAGE_NAMES, build_resnest  # noqa: E402
 from resnest_backbone.core.fuse import fuse_model, fuse_resnest  # noqa: E402
 
@@ -43,27 +45,12 @@ def _quiet():
     warnings.filterwarnings("ignore", message=".*(legacy TorchScript-based ONNX|You are using the legacy).*")
 
 
-def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """A state_dict from .safetensors or a torch file (weights_only: no pickled code runs)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
 def build_backbone(variant: str, weights: str = "", out_features: Sequence[str] = STAGE_NAMES,
                    fuse: bool = False) -> torch.nn.Module:
     model = build_resnest(variant, out_features=tuple(out_features),
                           num_classes=0).eval()
-    if weights:
-        state = {k: v for k, v in load_state_dict(weights).items() if not k.startswith("fc.")}
-        model.load_state_dict(state, strict=True)
+    if weights:  # the package's safe reader and strict check (any naming; classifier dropped)
+        logger.info("\n".join(load_weights(model, weights, strict=True).lines()))
     return fuse_resnest(model, inplace=True) if fuse else model
 
 
@@ -176,11 +163,10 @@ def tracing_adapter_class():
 
 
 def build_detectron2_model(config_file: str, opts: Sequence[str] = (), fuse: bool = False):
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from resnest_backbone.d2 import add_resnest_config
+    from resnest_backbone.d2 import SafeDetectionCheckpointer, add_resnest_config
 
     cfg = get_cfg()
     add_resnest_config(cfg)
@@ -190,7 +176,7 @@ def build_detectron2_model(config_file: str, opts: Sequence[str] = (), fuse: boo
     cfg.freeze()
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # safe reader + architecture checks
     if fuse:
         model = fuse_model(model, inplace=True)
     return cfg, model
@@ -271,7 +257,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("backbone", help="the ResNeSt trunk (outputs res2..res5)")
     common(b)
     b.add_argument("--variant", default="resnest50")
-    b.add_argument("--weights", default="", help="state_dict in official / timm naming (fc.* ignored)")
+    b.add_argument("--weights", default="", help="ResNeSt weights in any naming resnest-convert reads (fc.* ignored)")
     b.add_argument("--out-features", default=",".join(STAGE_NAMES))
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--method", choices=("script", "trace"), default="script", help="TorchScript method")
@@ -285,6 +271,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet()
+    try:
+        return _run(args)
+    except CheckpointError as exc:
+        print(f"export: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     torch.manual_seed(args.seed)
     if args.what == "backbone":
         model = build_backbone(args.variant, args.weights, args.out_features.split(","), args.fuse)

@@ -29,6 +29,7 @@ import resnest_backbone  # noqa: E402,F401  (registers the ResNeSt backbones)
 import resnest_backbone.data  # noqa: E402,F401  (registers the demo datasets)
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from resnest_backbone.convert import CheckpointError  # noqa: E402
 from resnest_backbone.d2.checkpoint import SafeDetectionCheckpointer  # noqa: E402
 from resnest_backbone.d2.train import Trainer, default_argument_parser, launch, setup_cfg  # noqa: E402
 
@@ -51,8 +52,12 @@ def main(args):
 def run(argv=None):
     args = default_argument_parser().parse_args(argv)
     print("Command Line Args:", args)
-    return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                  dist_url=args.dist_url, args=(args,))
+    try:
+        return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                      dist_url=args.dist_url, args=(args,))
+    except CheckpointError as exc:  # a refused checkpoint (unsafe, wrong architecture, does not fit)
+        print(f"train_net: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

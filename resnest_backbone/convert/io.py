@@ -20,7 +20,8 @@ import re
 import tempfile
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -103,7 +104,7 @@ def _numpy_global(module: str, name: str):
     return None
 
 
-def _read_torch(path: str) -> Any:
+def _read_torch(path: str, allow: Sequence = (), map_location="cpu") -> Any:
     global _warned_old_torch
     version = _torch_version()
     if version < (1, 13):
@@ -117,9 +118,11 @@ def _read_torch(path: str) -> Any:
         _warned_old_torch = True
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     if safe_globals is None:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    with safe_globals(_torch_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if allow:
+            raise CheckpointError(f"{path}: torch {torch.__version__} has no safe_globals; upgrade torch (>= 2.6)")
+        return torch.load(path, map_location=map_location, weights_only=True)
+    with safe_globals(_torch_safe_globals() + list(allow)):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def verify_weights_only(path: str) -> None:
@@ -194,9 +197,12 @@ def _torch_refusal(exc: Exception) -> Optional[str]:
     return None
 
 
-def read_checkpoint(path: str) -> Any:
+def read_checkpoint(path: str, allow: Sequence = (), map_location="cpu") -> Any:
     """Read a checkpoint file safely and return what it holds (dicts, lists, tensors, arrays, numbers).
 
+    `allow`: extra globals admitted for torch files, each a data-only class or a (function, "module.name")
+    pair, exactly as torch.serialization.safe_globals takes them (mmengine's checkpoints need a few: see
+    mm/compat.py). `map_location` is passed to torch.load.
     Raises CheckpointError naming the file and the reason: missing, not a checkpoint, unsafe content,
     truncated or corrupt."""
     path = os.fspath(path)
@@ -216,6 +222,8 @@ def read_checkpoint(path: str) -> Any:
     if kind not in _READERS:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint: it is {kind}")
     try:
+        if kind == "torch":
+            return _read_torch(path, allow, map_location)
         return _READERS[kind](path)
     except CheckpointError:
         raise
@@ -253,6 +261,31 @@ def _corrupt_message(path: str, kind: str, exc: Exception) -> str:
         why = "corrupt or not a checkpoint"
     return (f"{path}: cannot be read as a {kind} checkpoint: {why} ({type(exc).__name__}: "
             f"{detail[:200]}). Re-download or re-create it.")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read safely: what the file holds, its flat weights, and its safetensors metadata."""
+    path: str
+    data: Any
+    weights: Dict[str, torch.Tensor]
+    metadata: Optional[Dict[str, str]] = None
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """read_checkpoint + the flat {name: tensor} weights (unwrapped as load_state_dict does) + metadata."""
+    data = read_checkpoint(path)
+    return Checkpoint(os.fspath(path), data, _unwrap(data, path), safetensors_metadata(path))
+
+
+def safetensors_metadata(path: str) -> Optional[Dict[str, str]]:
+    """The string metadata of a .safetensors file (None for other files)."""
+    if _sniff(os.fspath(path)) != "safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return f.metadata()
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -358,7 +391,7 @@ def _fsync_folder(folder: str) -> None:
 
 
 def save_d2_pkl(weights: Dict[str, torch.Tensor], path: str, force: bool = False, **meta) -> None:
-    """detectron2 format: {"model": {name: ndarray}, "__author__", "matching_heuristics": True}.
+    """detectron2 format: {"model": {name: ndarray}, "__author__", "matching_heuristics": True, **meta}.
 
     matching_heuristics lets DetectionCheckpointer match our backbone-relative names to the model's
     (backbone.bottom_up.* in FPN models, backbone.* in others) by longest dot-separated suffix."""
@@ -373,12 +406,15 @@ def save_d2_pkl(weights: Dict[str, torch.Tensor], path: str, force: bool = False
 
 
 def save_torch(weights: Dict[str, torch.Tensor], path: str, force: bool = False, **meta) -> None:
-    """A .pth with {"state_dict": ..., "meta": ...} (mmengine's layout), or a .safetensors file."""
+    """A .pth with {"state_dict": ..., "meta": ...} (mmengine's layout), or a .safetensors file (metadata
+    values that are not strings are stored as JSON)."""
     weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     if path.endswith(".safetensors"):
+        import json
+
         from safetensors.torch import save_file
 
-        atomic_write(path, lambda tmp: save_file(weights, tmp, metadata={k: str(v) for k, v in meta.items()}),
-                     force)
+        text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+        atomic_write(path, lambda tmp: save_file(weights, tmp, metadata=text), force)
     else:
         atomic_write(path, lambda tmp: torch.save({"state_dict": weights, "meta": meta}, tmp), force)

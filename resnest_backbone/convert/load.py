@@ -9,15 +9,22 @@
 over it, a whole detector). The file is read safely (see io.py) in any supported naming (official, timm,
 mmdet, detectron2-ResNeSt fork, ours; under any wrapper prefix such as `module.` or
 `backbone.bottom_up.`) and renamed to the model's (official) names before loading.
+
+This module is the one place that compares weights with a model and reports the differences: the
+converter, `load_weights`, the detectron2 checkpointer and the mmdet/mmseg `init_cfg` loader all call
+`compare_with_model` and raise `mismatch_error`, and check the architecture evidence with
+`arch.check_arch` through `match_trunk` (or directly).
 """
+import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .convert import _first_keys, _fmt_arch, describe_foreign, read_arch, variants_matching
-from .io import CheckpointError, load_state_dict
+from .arch import (ARCH_KEYS, INVISIBLE, check_arch, describe_foreign, file_evidence, find_record, fmt_arch, model_arch, read_arch,
+                   variants_matching)
+from .io import Checkpoint, CheckpointError, open_checkpoint
 from .naming import detect_naming
 
 
@@ -33,16 +40,24 @@ class LoadReport:
     unexpected: List[str] = field(default_factory=list)  # "key [shape]" the file has and the model lacks
     mismatched: List[str] = field(default_factory=list)  # "key: checkpoint [..], model [..]"
     ignored: List[str] = field(default_factory=list)  # keys outside the trunk (heads, classifier, ...)
+    record: Optional[dict] = None  # the architecture the file records (or its file name says)
 
     @property
     def complete(self) -> bool:
         """Every trunk tensor was loaded and nothing in the file's trunk was left over."""
         return not (self.missing or self.unexpected or self.mismatched)
 
+    def problems(self) -> List[str]:
+        return self.mismatched + [f"missing {k}" for k in self.missing] + \
+            [f"unexpected {k}" for k in self.unexpected]
+
     def lines(self, limit: int = 8) -> List[str]:
         where = f" into {self.target}" if self.target else ""
         out = [f"loaded {len(self.loaded)} tensors from {self.source}{where} ({self.naming} naming"
                + (f" under {self.prefix!r}" if self.prefix else "") + f"; detected: {self.detected})"]
+        if self.record:
+            out.append(f"architecture: {self.record.get('variant')} (from the file's "
+                       + ("name" if self.record.get("evidence") == "file name" else "record") + ")")
         for title, items in (("wrong shape (not loaded)", self.mismatched), ("missing", self.missing),
                              ("unexpected", self.unexpected), ("ignored (not part of the trunk)", self.ignored)):
             if items:
@@ -68,8 +83,20 @@ def find_trunk(model: nn.Module) -> Tuple[str, nn.Module]:
     return trunks[0]
 
 
-def _ignorable(key: str) -> bool:
-    return key.endswith("num_batches_tracked")  # BN step counters: FrozenBN and detectron2 files have none
+def ignorable(key: str) -> bool:
+    """BN step counters: FrozenBN and detectron2 files have none, BN trunks do; they are not weights."""
+    return key.endswith("num_batches_tracked")
+
+
+def detected_variants(official: Mapping[str, torch.Tensor]) -> str:
+    """Which variants official-named trunk weights match, for messages."""
+    try:
+        arch = read_arch(official)
+        return ", ".join(variants_matching(arch)) or f"no known variant ({fmt_arch(arch)})"
+    except CheckpointError as exc:
+        return f"unreadable architecture ({exc})"
+    except (ValueError, TypeError, AttributeError):
+        return describe_foreign(official)
 
 
 def trunk_weights(weights: Dict[str, torch.Tensor], naming, prefix: str, expected, report: LoadReport,
@@ -89,32 +116,79 @@ def trunk_weights(weights: Dict[str, torch.Tensor], naming, prefix: str, expecte
             report.ignored.append(key)  # the ImageNet classifier
             continue
         official[name] = value
-    try:
-        arch = read_arch(official)
-        report.detected = ", ".join(variants_matching(arch)) or f"no known variant ({_fmt_arch(arch)})"
-    except CheckpointError as exc:
-        report.detected = f"unreadable architecture ({exc})"
+    report.detected = detected_variants(official)
     return official
 
 
-def compare_with_model(expected: Dict[str, torch.Tensor], official: Dict[str, torch.Tensor],
-                       report: LoadReport) -> Dict[str, torch.Tensor]:
-    """Fill report.missing / mismatched / unexpected and return the tensors that fit (step counters
-    included when both sides have them, never reported when only one side has them)."""
+def compare_with_model(expected: Mapping[str, Sequence[int]], found: Mapping[str, torch.Tensor],
+                       report: LoadReport, skip: Callable[[str], bool] = lambda key: False
+                       ) -> Dict[str, torch.Tensor]:
+    """THE comparison of weights with a model: fill report.missing / mismatched / unexpected and return the
+    tensors that fit. `expected` maps the model's keys to tensors or shapes; step counters are loaded when
+    both sides have them and never reported when only one side has them; keys for which `skip` is true
+    (e.g. a classifier the output does not carry) are neither compared nor reported."""
     to_load = {}
     for key, want in expected.items():
-        if key not in official:
-            if not _ignorable(key):
-                report.missing.append(f"{key} {list(want.shape)}")
-        elif official[key].shape != want.shape:
-            if not _ignorable(key):
-                report.mismatched.append(f"{key}: checkpoint {list(official[key].shape)}, model "
-                                         f"{list(want.shape)}")
+        want = tuple(want.shape) if isinstance(want, torch.Tensor) else tuple(want)
+        if key not in found:
+            if not ignorable(key):
+                report.missing.append(f"{key} {list(want)}")
+        elif tuple(found[key].shape) != want:
+            if not ignorable(key):
+                report.mismatched.append(f"{key}: checkpoint {list(found[key].shape)}, model {list(want)}")
         else:
-            to_load[key] = official[key]
-    report.unexpected = [f"{k} {list(v.shape)}" for k, v in official.items()
-                         if k not in expected and not _ignorable(k)]
+            to_load[key] = found[key]
+    report.unexpected = [f"{k} {list(v.shape)}" for k, v in found.items()
+                         if k not in expected and not ignorable(k) and not skip(k)]
     return to_load
+
+
+def mismatch_error(path: str, target: str, report: LoadReport, consequence: str = "nothing was loaded",
+                   hint: str = "strict=False loads what fits", limit: int = 8) -> CheckpointError:
+    """THE message for weights that do not fit: file, target, counts, what the file holds, first keys."""
+    problems = report.problems()
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return CheckpointError(
+        f"{path} does not fit {target}: {len(report.mismatched)} wrong shapes, {len(report.missing)} missing, "
+        f"{len(report.unexpected)} unexpected (detected in the file: {report.detected}); {consequence}"
+        + (f" ({hint})" if hint else "") + ". First:\n  " + "\n  ".join(problems[:limit]) + more)
+
+
+def not_resnest_error(path: str, weights: Mapping[str, torch.Tensor], consequence: str) -> CheckpointError:
+    shown = [f"{k} {list(v.shape)}" for k, v in list(weights.items())[:5]]
+    first = ", ".join(shown) + (f" ... ({len(weights)} tensors)" if len(weights) > 5 else "")
+    return CheckpointError(f"{path} is not a ResNeSt checkpoint (detected: {describe_foreign(weights)}; no ResNeSt "
+                           f"deep stem conv1.0 / stem.0 / stem.conv1_1 under any prefix); {consequence}. "
+                           f"First keys: {first}")
+
+
+def match_trunk(trunk: nn.Module, ckpt: Checkpoint, target: str = "", prefix: str = "",
+                rename: Optional[Callable[[str], Optional[str]]] = None,
+                check_architecture: bool = True) -> Tuple[LoadReport, Dict[str, torch.Tensor]]:
+    """Check a read checkpoint against a trunk: the architecture the file records (or its name says)
+    against the trunk's, then every tensor by name and shape. Returns the report and the tensors that fit
+    (under the trunk's own names); raises CheckpointError for a foreign file or a contradicting record."""
+    report = LoadReport(source=ckpt.path, target=target)
+    report.record = file_evidence(ckpt.path, find_record(ckpt.data, ckpt.path, ckpt.metadata))
+    weights = ckpt.weights
+    if prefix:
+        report.ignored = [k for k in weights if not k.startswith(prefix)]
+        weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if not weights:
+            raise CheckpointError(f"{ckpt.path}: no keys start with prefix {prefix!r}; nothing was loaded")
+    try:
+        naming, found = detect_naming(weights.keys())
+    except ValueError:
+        raise not_resnest_error(ckpt.path, weights, "nothing was loaded") from None
+    report.naming, report.prefix = naming.name, prefix + found
+    expected = trunk.state_dict()
+    official = trunk_weights(weights, naming, found, expected, report, rename)
+    to_load = compare_with_model(expected, official, report)
+    if check_architecture:  # all of it when the shapes fit; what shapes cannot show when they do not
+        check_arch(ckpt.path, report.record, model_arch(trunk),
+                   where=f"the model's ResNeSt trunk{' (' + target + ')' if target else ''}",
+                   keys=ARCH_KEYS if report.complete else INVISIBLE)
+    return report, to_load
 
 
 def load_weights(model: nn.Module, path: str, strict: bool = True) -> LoadReport:
@@ -123,39 +197,24 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> LoadReport
     strict=True: any missing, unexpected or wrong-shape trunk tensor raises CheckpointError (naming the
     file, the detected variant and the first offending keys with shapes) and nothing is loaded.
     strict=False: loads every tensor that fits and returns the report of the rest (also logged).
+    Either way, a file whose record (or official/timm file name) names another architecture than the
+    model's (e.g. avd_first, invisible in the weights) is refused.
     A classifier (fc.*) in the file is ignored when the model has none; keys outside the trunk (a
     detector's heads) are listed as ignored."""
     target, trunk = find_trunk(model)
-    weights = load_state_dict(path)
-    report = LoadReport(source=str(path), target=target)
-    try:
-        naming, prefix = detect_naming(weights.keys())
-    except ValueError:
-        raise CheckpointError(f"{path} is not a ResNeSt checkpoint (detected: {describe_foreign(weights)}); "
-                              f"nothing was loaded. First keys: {_first_keys(weights)}") from None
-    report.naming, report.prefix = naming.name, prefix
-    expected = trunk.state_dict()
-    official = trunk_weights(weights, naming, prefix, expected, report)
-    to_load = compare_with_model(expected, official, report)
+    report, to_load = match_trunk(trunk, open_checkpoint(path), target)
+    where = "the model's ResNeSt trunk" + (f" ({target})" if target else "")
     if strict and not report.complete:
-        problems = report.mismatched + [f"missing {k}" for k in report.missing] + \
-            [f"unexpected {k}" for k in report.unexpected]
-        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-        raise CheckpointError(
-            f"{path} does not fit the model's ResNeSt trunk{' (' + target + ')' if target else ''}: "
-            f"{len(report.mismatched)} wrong shapes, {len(report.missing)} missing, {len(report.unexpected)} "
-            f"unexpected (detected in the file: {report.detected}); nothing was loaded (strict=False loads "
-            "what fits). First:\n  " + "\n  ".join(problems[:8]) + more)
+        raise mismatch_error(str(path), where, report)
     result = trunk.load_state_dict(to_load, strict=False)
-    leftover = [k for k in result.unexpected_keys if not _ignorable(k)]
+    leftover = [k for k in result.unexpected_keys if not ignorable(k)]
     if leftover:  # cannot happen with the checks above; never let it pass silently
         raise CheckpointError(f"{path}: torch did not accept {leftover[:5]}")
     report.loaded = sorted(to_load)
     if not report.complete:
-        import logging
-
         logging.getLogger(__name__).warning("partial load:\n%s", report)
     return report
 
 
-__all__ = ["LoadReport", "compare_with_model", "find_trunk", "load_weights", "trunk_weights"]
+__all__ = ["LoadReport", "compare_with_model", "find_trunk", "ignorable", "load_weights", "match_trunk",
+           "mismatch_error", "not_resnest_error", "trunk_weights"]

@@ -1,44 +1,74 @@
-"""A DetectionCheckpointer that never executes a checkpoint, never half-loads the ResNeSt trunk, and never
-leaves a half-written checkpoint.
+"""A DetectionCheckpointer that never executes a checkpoint, never loads a trunk of another architecture or
+half a trunk, and never leaves a half-written checkpoint. A thin shell over resnest_backbone.convert.
 
-- Loading: every file goes through resnest_backbone.convert.read_checkpoint: `.pkl` through an unpickler
-  that admits only numpy arrays and plain containers, `.pth` through torch.load(weights_only=True),
-  `.safetensors` through safetensors (detectron2's own loader pickle.loads `.pkl` files, which runs
-  whatever code they carry).
+- Reading: every file goes through convert.read_checkpoint (`.pkl` through an unpickler that admits only
+  numpy arrays and plain containers, `.pth` through torch.load(weights_only=True), `.safetensors` through
+  safetensors); detectron2's own loader pickle.loads `.pkl` files, which runs whatever code they carry.
+- Architecture: the record a converted file or a training checkpoint carries (or an official / timm file
+  name) is checked against the model's trunk (convert.check_arch): `avd_first`, invisible in weights,
+  cannot slip through.
 - Naming: a bare ResNeSt trunk in any known naming (official/timm `.pth`, `.safetensors`, our converter's
   `.pkl`, mmdet, the detectron2-ResNeSt fork) is renamed to the model's own keys (e.g.
   `backbone.bottom_up.layer1.0.conv2.fc1.weight`), so it loads by exact name instead of by detectron2's
   suffix heuristics (which skip a wrong-shape tensor with only a log line).
-- Strict trunk: when the model holds a ResNeSt trunk, a checkpoint that leaves any trunk tensor missing or
-  of the wrong shape is refused (CheckpointError naming the file and the first keys with shapes) before
-  anything is copied. Heads may still differ (fine-tuning to other classes). Set
-  `checkpointer.strict_backbone = False` to load such a file partially (detectron2 then logs what it
-  skipped).
+- Strict trunk, before anything is copied: files that ask for detectron2's matching heuristics (the
+  `matching_heuristics` flag, or `file.pkl?matching_heuristics=True` as on detectron2 main) are aligned
+  first, then every trunk tensor is compared by name and shape (convert.compare_with_model); a missing or
+  wrong-shape trunk tensor refuses the file (CheckpointError naming it and the first keys) and the model
+  is untouched. Heads may still differ (fine-tuning to other classes). `checkpointer.strict_backbone =
+  False` loads such a file partially (detectron2 then logs what it skipped).
+- `load()` is exception-safe: a refused load leaves the checkpointer usable (detectron2 main keeps
+  `_parsed_url_during_load` set after an exception, failing every later load).
 - Saving: to a temporary file in the same folder, checked to read back with the weights-only reader, then
-  renamed over the target; `last_checkpoint` likewise. A run killed at any moment leaves the previous
-  checkpoint and tag intact (stray `*.tmp` files are never picked up: detectron2 only lists `*.pth`).
+  renamed over the target; `last_checkpoint` likewise. The trunk's architecture record is saved with it.
+  A run killed at any moment leaves the previous checkpoint and tag intact (stray `*.tmp` files are never
+  picked up: detectron2 only lists `*.pth`).
 """
 import os
 from typing import Dict, Optional
+from urllib.parse import parse_qs, urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-from ..convert.convert import describe_foreign, read_arch, variants_matching
-from ..convert.io import CheckpointError, _unwrap, atomic_write, read_checkpoint, verify_weights_only
+from ..convert.arch import RECORD_KEY, check_arch, file_evidence, find_record, model_arch, model_record
+from ..convert.io import (CheckpointError, _unwrap, atomic_write, read_checkpoint, safetensors_metadata,
+                          verify_weights_only)
+from ..convert.load import LoadReport, compare_with_model, detected_variants, ignorable, mismatch_error
 from ..convert.naming import OFFICIAL, detect_naming
 
 _TRUNK_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")
+_OVERRIDE = "set checkpointer.strict_backbone = False to load it anyway"
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):
-    strict_backbone = True  # refuse checkpoints that do not fill the ResNeSt trunk completely
+    strict_backbone = True  # refuse checkpoints that do not fit the ResNeSt trunk completely
+
+    def load(self, path: str, *args, **kwargs):
+        """detectron2's load, plus `?matching_heuristics=True` on every detectron2 line, and exception-safe."""
+        self._heuristics = False
+        if path and "?" in path:
+            parsed = urlparse(path)
+            queries = parse_qs(parsed.query)
+            flag = queries.pop("matching_heuristics", None)
+            if queries:
+                raise ValueError(f"{path}: unsupported query {queries} (only matching_heuristics=True)")
+            self._heuristics = flag == ["True"]
+            path = parsed._replace(query="").geturl()
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._heuristics = False
+            if getattr(self, "_parsed_url_during_load", None) is not None:
+                self._parsed_url_during_load = None  # detectron2 main resets it only on success
 
     def _load_file(self, filename: str) -> dict:
         data = read_checkpoint(filename)
         if not isinstance(data, dict):
             raise CheckpointError(f"{filename}: holds a {type(data).__name__}, not a checkpoint dict")
         self._loading = filename
+        self._evidence = file_evidence(filename, find_record(data, filename, safetensors_metadata(filename)))
         if "model" in data and "__author__" in data:  # detectron2 model-zoo format (also our converter's)
             self.logger.info("Reading a file from '{}'".format(data["__author__"]))
             out = dict(data)
@@ -47,19 +77,27 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                    "__author__": "pycls", "matching_heuristics": True}
         elif filename.endswith(".pkl") and not _is_resnest(_inner(data)):  # Caffe2 / Detectron1 model zoo
             weights = {k: v for k, v in _inner(data).items() if not k.endswith("_momentum")}
-            return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
+            out = {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
         elif isinstance(data.get("model"), dict):  # detectron2 training checkpoint
             out = data
         else:  # a bare state_dict, or one wrapped in "state_dict" (mmdet, timm)
             out = {"model": dict(_unwrap(data, filename))}
-        self._place_trunk(out, filename)
+        if self._heuristics:
+            out["matching_heuristics"] = True
+        if "Caffe2" != out.get("__author__"):
+            self._place_trunk(out, filename)
         return out
 
-    def _trunk_name(self) -> Optional[str]:
+    def _trunk(self):
+        """(name, module) of the model's one ResNeSt trunk, or None."""
         from ..core import ResNeSt
 
-        names = [name for name, m in self.model.named_modules() if isinstance(m, ResNeSt)]
-        return names[0] if len(names) == 1 else None
+        found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, ResNeSt)]
+        return found[0] if len(found) == 1 else None
+
+    def _trunk_name(self) -> Optional[str]:
+        trunk = self._trunk()
+        return None if trunk is None else trunk[0]
 
     def _place_trunk(self, checkpoint: dict, filename: str) -> None:
         """Rename a bare ResNeSt trunk (any known naming) to the model's keys, and a trunk in another
@@ -98,61 +136,40 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         trunk = self._trunk_name()
-        if self.strict_backbone and trunk is not None and not checkpoint.get("matching_heuristics", False):
-            self._check_trunk(checkpoint["model"], trunk)  # before anything is copied
-        incompatible = super()._load_model(checkpoint)
-        if self.strict_backbone and trunk is not None and incompatible is not None:
-            prefix = trunk + "." if trunk else ""
-            missing = [k for k in incompatible.missing_keys
-                       if k.startswith(prefix) and not k.endswith("num_batches_tracked")]
-            shapes = [f"{k}: checkpoint {list(a)}, model {list(b)}" for k, a, b in incompatible.incorrect_shapes
-                      if k.startswith(prefix)]
-            if missing or shapes:
-                unexpected = [f"unexpected {k}" for k in incompatible.unexpected_keys
-                              if k.startswith(prefix) and not k.endswith("num_batches_tracked")]
-                raise self._trunk_error(trunk, shapes, [f"missing {k}" for k in missing], unexpected, {},
-                                        after_load=True)
-        return incompatible
+        if checkpoint.get("matching_heuristics", False):
+            # detectron2's own alignment, done here so the trunk is checked before anything is copied
+            self._convert_ndarray_to_tensor(checkpoint["model"])
+            checkpoint["model"] = align_and_update_state_dicts(
+                self.model.state_dict(), checkpoint["model"],
+                c2_conversion=checkpoint.get("__author__", None) == "Caffe2")
+            checkpoint["matching_heuristics"] = False
+        if self.strict_backbone and trunk is not None:
+            self._check_trunk(checkpoint["model"], trunk)  # shapes first: the more telling message
+            check_arch(self._loading, getattr(self, "_evidence", None), model_arch(self._trunk()[1]),
+                       where=f"the model's ResNeSt trunk '{trunk or 'model'}'", override=_OVERRIDE)
+        return super()._load_model(checkpoint)
 
     def _check_trunk(self, weights: Dict[str, torch.Tensor], trunk: str) -> None:
+        """Every trunk tensor present with the model's shape, nothing extra in the trunk; else refuse."""
         prefix = trunk + "." if trunk else ""
-        state = self.model.state_dict()
         found = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
-        missing, shapes = [], []
-        unexpected = [f"unexpected {k} {list(v.shape)}" for k, v in found.items()
-                      if k.startswith(prefix) and k not in state and not k.endswith("num_batches_tracked")]
-        for key, value in state.items():
-            if not key.startswith(prefix) or key.endswith("num_batches_tracked"):
-                continue
-            if key not in found:
-                missing.append(f"missing {key} {list(value.shape)}")
-            elif tuple(found[key].shape) != tuple(value.shape):
-                shapes.append(f"{key}: checkpoint {list(found[key].shape)}, model {list(value.shape)}")
-        if missing or shapes or unexpected:
-            ckpt_trunk = {k[len(prefix):]: v for k, v in found.items() if k.startswith(prefix)}
-            raise self._trunk_error(trunk, shapes, missing, unexpected, ckpt_trunk or found)
-
-    def _trunk_error(self, trunk, shapes, missing, unexpected, ckpt_trunk, after_load=False) -> CheckpointError:
-        detected = "?"
-        if ckpt_trunk:
-            try:
-                detected = ", ".join(variants_matching(read_arch(ckpt_trunk))) or "no known ResNeSt variant"
-            except (CheckpointError, ValueError, TypeError) as exc:
-                detected = (f"a ResNeSt trunk of unreadable architecture ({exc})" if _is_resnest(ckpt_trunk)
-                            else describe_foreign(ckpt_trunk))
-        problems = shapes + missing + unexpected
-        return CheckpointError(
-            f"{getattr(self, '_loading', 'checkpoint')}: does not fill the model's ResNeSt trunk "
-            f"'{trunk or 'model'}': {len(shapes)} wrong shapes, {len(missing)} missing, {len(unexpected)} unexpected "
-            "(detected in the file: "
-            f"{detected}); " + ("the model must be discarded" if after_load else "nothing was loaded")
-            + ". Set checkpointer.strict_backbone = False to load it partially. First:\n  "
-            + "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""))
+        expected = {k[len(prefix):]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
+        in_trunk = {k[len(prefix):]: v for k, v in found.items() if k.startswith(prefix)}
+        report = LoadReport(source=self._loading)
+        compare_with_model(expected, in_trunk, report)
+        if not report.complete:
+            held = in_trunk or found
+            report.detected = detected_variants(held) if _is_resnest(held) else _foreign(held)
+            raise mismatch_error(self._loading, f"the model's ResNeSt trunk '{trunk or 'model'}'", report,
+                                 hint=_OVERRIDE)
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
+        trunk = self._trunk()
+        if trunk is not None:
+            data[RECORD_KEY] = model_record(trunk[1])
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -184,6 +201,15 @@ def _inner(data: dict) -> dict:
         if isinstance(data.get(wrapper), dict):
             return data[wrapper]
     return data
+
+
+def _foreign(weights: dict) -> str:
+    from ..convert.arch import describe_foreign
+
+    try:
+        return describe_foreign(weights)
+    except Exception:  # odd values (not tensors): say nothing more than that
+        return "not a ResNeSt"
 
 
 def _is_resnest(weights: dict) -> bool:

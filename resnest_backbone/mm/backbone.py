@@ -24,10 +24,9 @@ from mmengine.model import BaseModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..convert.convert import describe_foreign
-from ..convert.io import CheckpointError, load_state_dict
-from ..convert.load import LoadReport, compare_with_model, trunk_weights
-from ..convert.naming import MMDET, detect_naming
+from ..convert.io import CheckpointError, open_checkpoint
+from ..convert.load import LoadReport, match_trunk, mismatch_error
+from ..convert.naming import MMDET
 from ..core import STAGE_NAMES, ResNeSt, SyncBatchNorm, get_variant
 
 # mmcv names a GroupNorm `gn{postfix}` where BN is `bn{postfix}`: mmdet/mmseg GN checkpoints of ResNeSt
@@ -205,35 +204,17 @@ class ResNeStSA(ResNeSt, BaseModule):
         self._is_init = True
 
     def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None, strict: bool = True) -> LoadReport:
-        """Read `checkpoint` safely, rename it to our keys and load it; return (and log) what was loaded,
-        dropped (a classifier, other parts of a model) and, with strict=False, missing."""
+        """Read `checkpoint` safely, check its recorded architecture and every tensor against this trunk
+        (resnest_backbone.convert.match_trunk), rename it to our keys and load it; return (and log) what
+        was loaded, dropped (a classifier, other parts of a model) and, with strict=False, missing."""
         path = _local_checkpoint(checkpoint)
-        weights = load_state_dict(path)
-        report = LoadReport(source=str(checkpoint))
-        if prefix:
-            report.ignored = [k for k in weights if not k.startswith(prefix)]
-            weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-            if not weights:
-                raise CheckpointError(f"{checkpoint}: no keys start with prefix {prefix!r}")
-        try:
-            naming, found = detect_naming(weights.keys())
-        except ValueError:
-            raise CheckpointError(f"{checkpoint} is not a ResNeSt checkpoint (detected: "
-                                  f"{describe_foreign(weights)}); nothing was loaded") from None
-        report.naming, report.prefix = naming.name, (prefix or "") + found
-        expected = self.state_dict()
-        own = set(expected)
-        official = trunk_weights(weights, naming, found, own, report, rename=lambda name: _to_ours(name, own))
-        to_load = compare_with_model(expected, official, report)
+        own = set(self.state_dict())
+        report, to_load = match_trunk(self, open_checkpoint(path), prefix=prefix or "",
+                                      rename=lambda name: _to_ours(name, own))
+        report.source = str(checkpoint)
         if report.mismatched or (strict and not report.complete):
-            problems = report.mismatched + [f"missing {k}" for k in report.missing] + \
-                [f"unexpected {k}" for k in report.unexpected]
-            raise CheckpointError(
-                f"{checkpoint} does not fit ResNeStSA({self.variant}): {len(report.mismatched)} wrong shapes, "
-                f"{len(report.missing)} missing, {len(report.unexpected)} unexpected (the file holds: "
-                f"{report.detected}); nothing was loaded"
-                + ("" if report.mismatched else " (init_cfg strict=False loads what fits)")
-                + ". First:\n  " + "\n  ".join(problems[:8]))
+            raise mismatch_error(str(checkpoint), f"ResNeStSA({self.variant})", report,
+                                 hint="" if report.mismatched else "init_cfg strict=False loads what fits")
         with torch.no_grad():
             self.load_state_dict(to_load, strict=False)
         report.loaded = sorted(to_load)

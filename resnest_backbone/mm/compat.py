@@ -5,12 +5,14 @@ Since torch 2.6 `torch.load` defaults to `weights_only=True`. mmengine 0.10.7 (t
 the message hub's `HistoryBuffer`s (numpy arrays, and references to `HistoryBuffer.min/max/...` pickled as
 `getattr(HistoryBuffer, 'min')`). So `load_from=` / `resume=True` fail with "Weights only load failed".
 
-`allow_mmengine_checkpoints()` replaces mmengine's local-file loader by one that still loads with
-`weights_only=True`, allowing, only for the duration of that load, exactly these extra globals:
+`allow_mmengine_checkpoints()` replaces mmengine's local-file loader by the project's safe reader
+(resnest_backbone.convert.read_checkpoint, weights_only=True), allowing, only for the duration of that
+load, exactly these extra globals:
   mmengine.logging.HistoryBuffer; numpy's array/scalar reconstruction (`_reconstruct`, `ndarray`, `dtype`,
-  the concrete dtype classes, `scalar`); and a `getattr` that resolves only public methods of
-  HistoryBuffer (a general getattr would be a code-execution gadget).
-Nothing else changes: other classes are still refused with torch's own message. Applied when
+  the concrete numeric dtype classes, `scalar`); and a `getattr` that resolves only the statistics methods
+  mmengine registers on HistoryBuffer by default (min, max, mean, current), which are what its checkpoints
+  reference. Nothing else: `register_statistics` (which would let a file change HistoryBuffer's class-level
+  method table), private names and other objects are refused, and other classes with torch's own message. Applied when
 `resnest_backbone.mm` is imported (what `custom_imports` in our configs does), only where needed.
 """
 import os.path as osp
@@ -21,14 +23,17 @@ import torch
 _PATCHED = False
 
 
+# The HistoryBuffer attributes mmengine's own checkpoints reference (its default statistics methods).
+HISTORY_BUFFER_METHODS = ("min", "max", "mean", "current")
+
+
 def _restricted_getattr(obj, name):
     from mmengine.logging import HistoryBuffer
 
-    if obj is HistoryBuffer and isinstance(name, str) and not name.startswith("_") \
-            and callable(getattr(HistoryBuffer, name, None)):
+    if obj is HistoryBuffer and name in HISTORY_BUFFER_METHODS:
         return getattr(HistoryBuffer, name)
     raise pickle.UnpicklingError(f"checkpoint asks for getattr({obj!r}, {name!r}); only HistoryBuffer's "
-                                 "statistics methods are allowed")
+                                 f"statistics methods {', '.join(HISTORY_BUFFER_METHODS)} are allowed")
 
 
 def mmengine_safe_globals() -> list:
@@ -50,12 +55,14 @@ def mmengine_safe_globals() -> list:
 
 
 def load_from_local(filename, map_location=None):
-    """mmengine's local checkpoint loader, with weights_only=True and mmengine's own types allowed."""
+    """mmengine's local checkpoint loader: the project's safe reader, with mmengine's own types allowed."""
+    from ..convert.io import read_checkpoint
+
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f"{filename} can not be found.")
-    with torch.serialization.safe_globals(mmengine_safe_globals()):
-        return torch.load(filename, map_location=map_location, weights_only=True)
+    return read_checkpoint(filename, allow=mmengine_safe_globals(),
+                           map_location="cpu" if map_location is None else map_location)
 
 
 def allow_mmengine_checkpoints() -> bool:

@@ -59,49 +59,93 @@ class FrozenBatchNorm2d(nn.Module):
 class SyncBatchNorm(nn.SyncBatchNorm):
     """SyncBatchNorm that also works where torch's does not.
 
-    - no process group (one process, the usual CPU / single-GPU debug run): plain BatchNorm, with one
+    - no multi-process group (one process, the usual CPU / single-GPU debug run): plain BatchNorm, with one
       logged warning, instead of failing (older torch: "Default process group is not initialized");
-    - a process group on CPU (gloo), where nn.SyncBatchNorm refuses non-GPU tensors: statistics are
-      averaged over processes with a differentiable all_reduce (as detectron2's NaiveSyncBatchNorm);
+    - a process group on CPU (gloo), where nn.SyncBatchNorm refuses non-GPU tensors: the statistics of the
+      global batch (all processes of `process_group`, default the world) by differentiable all-reduces, so
+      outputs, gradients and running statistics are those of nn.BatchNorm2d on the concatenated batch, also
+      for unequal per-process batches (an empty one included);
     - CUDA tensors in a process group: torch's own kernel.
+    Eval mode, momentum (None = cumulative average), affine and track_running_stats behave as in torch.
     Still an nn.SyncBatchNorm, so framework code that checks for SyncBN keeps working.
     """
 
     _warned = False
 
+    class _AllReduceSum(torch.autograd.Function):
+        """Sum over the processes of a group, differentiable: the backward sums the gradients over them too
+        (as torch.distributed.nn.functional.all_reduce, which newer torch deprecates with a warning)."""
+
+        @staticmethod
+        def forward(ctx, tensor, group):
+            ctx.group = group
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+            torch.distributed.all_reduce(tensor, group=group)
+            return tensor
+
+        @staticmethod
+        def backward(ctx, grad):
+            return SyncBatchNorm._AllReduceSum.apply(grad, ctx.group), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training:  # running statistics (or, without them, this process's batch), as torch
             return super().forward(x)
-        distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
-                       and torch.distributed.get_world_size() > 1)
-        if not distributed:
+        self._check_input_dim(x)
+        group = self.process_group or torch.distributed.group.WORLD
+        world_size = (torch.distributed.get_world_size(group)
+                      if torch.distributed.is_available() and torch.distributed.is_initialized() else 1)
+        if world_size > 1 and x.is_cuda:
+            return super().forward(x)
+        # The update factor of the running statistics, as _BatchNorm.forward computes it.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        if world_size <= 1:
             if not SyncBatchNorm._warned:
                 logging.getLogger(__name__).warning(
                     "SyncBN requested but no multi-process group is running: using plain BatchNorm.")
                 SyncBatchNorm._warned = True
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
-                                0.1 if self.momentum is None else self.momentum, self.eps)
-        if x.is_cuda:
-            return super().forward(x)
-        return self._all_reduce_forward(x)
+            track = self.track_running_stats
+            return F.batch_norm(x, self.running_mean if track else None, self.running_var if track else None,
+                                self.weight, self.bias, True, factor, self.eps)
+        return self._all_reduce_forward(x, group, factor)
 
-    def _all_reduce_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_reduce
-
+    def _all_reduce_forward(self, x: torch.Tensor, group, factor: float) -> torch.Tensor:
+        all_reduce = SyncBatchNorm._AllReduceSum.apply
+        # Statistics of the global batch. Precision: sums are accumulated and all-reduced in float64, and the
+        # variance is the all-reduced sum of squared deviations from the global mean (a second all_reduce),
+        # not E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std. Each process contributes
+        # its sums and element count, so unequal (or empty) per-process batches are weighted correctly.
+        # all_reduce is differentiable (its backward sums the gradients over processes), so input, weight
+        # and bias gradients are those of BatchNorm on the global batch under DDP's summed loss.
         channels = x.shape[1]
-        mean = x.mean(dim=(0, 2, 3))
-        mean_sq = (x * x).mean(dim=(0, 2, 3))
-        stats = all_reduce(torch.cat([mean, mean_sq])) / torch.distributed.get_world_size()
-        mean, mean_sq = stats.split(channels)
-        var = mean_sq - mean * mean
-        momentum = 0.1 if self.momentum is None else self.momentum
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), momentum)
-            self.running_var.lerp_(var.detach(), momentum)
-            self.num_batches_tracked.add_(1)
-        scale = self.weight * (var + self.eps).rsqrt()
-        shift = self.bias - mean * scale
-        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        acc = torch.float64
+        local_count = x.new_full((1,), x.numel() // max(channels, 1), dtype=acc)
+        stats = all_reduce(torch.cat([x.sum(dim=dims, dtype=acc), local_count]), group)
+        total, n = stats[:channels], int(stats[channels].item())
+        if n <= 1:
+            raise ValueError(f"SyncBatchNorm: expected more than 1 value per channel in training, got {n} over "
+                             f"all processes of the group (input of this process: {tuple(x.shape)})")
+        mean = total / n
+        centered = x - mean.to(x.dtype).view(shape)
+        sq_dev = all_reduce((centered * centered).sum(dim=dims, dtype=acc), group)
+        var = sq_dev / n  # biased: normalizes, as torch does
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():  # torch stores the unbiased variance
+                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_((var.detach() * (n / (n - 1))).to(self.running_var.dtype),
+                                                       alpha=factor)
+        scale = (var + self.eps).rsqrt()
+        if self.weight is not None:
+            scale = scale * self.weight
+        y = centered * scale.to(x.dtype).view(shape)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype).view(shape)
+        return y
 
 
 NORM_LAYERS = {

@@ -1,0 +1,175 @@
+"""A checkpoint never lands silently in the wrong architecture.
+
+avd_first (the official `fast` ablations) cannot be seen in weights: a `resnest50_fast_2s1x64d` file has
+exactly the tensors of `resnest50`. The converter takes it from --variant, the file's record or the
+official / timm file name, refuses when none decides, and records its decision in the output; every
+loader compares that record with the model. Files here are saved directly by resnest==0.0.5 and by timm
+under their published file names, and converted WITHOUT --variant."""
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+from resnest.torch import ablation as official_ablation
+from resnest.torch import resnest as official_resnest
+
+from conftest import d2_cfg, official_features, randomize_norm_stats
+from resnest_backbone import build_resnest
+from resnest_backbone.convert import CheckpointError, convert_checkpoint, load_weights
+from resnest_backbone.convert.cli import main as convert_main
+
+# The published file names (official README / hub, timm's Hugging Face cache layout).
+OFFICIAL = {
+    "resnest50": ("resnest50-528c19ca.pth", official_resnest.resnest50),
+    "resnest101": ("resnest101-22405ba7.pth", official_resnest.resnest101),
+    "resnest200": ("resnest200-75117900.pth", official_resnest.resnest200),
+    "resnest269": ("resnest269-0cc87c48.pth", official_resnest.resnest269),
+    "resnest50_fast_1s1x64d": ("resnest50_fast_1s1x64d-d8fbf808.pth", official_ablation.resnest50_fast_1s1x64d),
+    "resnest50_fast_2s1x64d": ("resnest50_fast_2s1x64d-44938639.pth", official_ablation.resnest50_fast_2s1x64d),
+    "resnest50_fast_4s1x64d": ("resnest50_fast_4s1x64d-f74f3fc3.pth", official_ablation.resnest50_fast_4s1x64d),
+    "resnest50_fast_1s2x40d": ("resnest50_fast_1s2x40d-9d126481.pth", official_ablation.resnest50_fast_1s2x40d),
+    "resnest50_fast_2s2x40d": ("resnest50_fast_2s2x40d-9d126481.pth", official_ablation.resnest50_fast_2s2x40d),
+    "resnest50_fast_4s2x40d": ("resnest50_fast_4s2x40d-41d14ed0.pth", official_ablation.resnest50_fast_4s2x40d),
+    "resnest50_fast_1s4x24d": ("resnest50_fast_1s4x24d-d4a4f76f.pth", official_ablation.resnest50_fast_1s4x24d),
+}
+TIMM = {"resnest14d": "resnest14d", "resnest26d": "resnest26d", "resnest50d": "resnest50",
+        "resnest50d_1s4x24d": "resnest50d_1s4x24d", "resnest50d_4s2x40d": "resnest50d_4s2x40d",
+        "resnest101e": "resnest101", "resnest200e": "resnest200", "resnest269e": "resnest269"}
+ARCH = ("layers", "radix", "cardinality", "bottleneck_width", "stem_width", "avd", "avd_first")
+
+
+def _arch(variant):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+            build_resnest(variant).arch.items() if k in ARCH}
+
+
+def _recorded(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)["resnest"]  # our own output, written by the test: plain pickle is fine here
+
+
+@pytest.mark.parametrize("variant", list(OFFICIAL))
+def test_official_files_are_detected_without_variant(tmp_path, variant):
+    name, factory = OFFICIAL[variant]
+    torch.manual_seed(0)
+    src, dst = tmp_path / name, tmp_path / "out.pkl"
+    torch.save(factory().state_dict(), src)
+    assert convert_main([str(src), str(dst)]) == 0
+    record = _recorded(dst)
+    assert record["variant"] == variant
+    assert {k: record["arch"][k] for k in ARCH} == _arch(variant)
+
+
+def test_timm_models_are_detected_without_variant(tmp_path):
+    assert sorted(timm.list_models("resnest*")) == sorted(TIMM)  # every timm ResNeSt is covered
+    from safetensors.torch import save_file
+
+    for model_name, variant in TIMM.items():
+        # timm's hub files: models--timm--<name>.<tag>/snapshots/<hash>/model.safetensors
+        folder = tmp_path / f"models--timm--{model_name}.in1k" / "snapshots" / "0123abcd"
+        folder.mkdir(parents=True)
+        src = folder / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in timm.create_model(model_name).state_dict().items()}, str(src))
+        dst = tmp_path / f"{model_name}.pth"
+        report = convert_checkpoint(str(src), str(dst), fmt="mmdet")
+        assert _arch(report.variant) == _arch(variant), model_name
+        recorded = torch.load(dst, weights_only=True)["meta"]["resnest"]
+        assert {k: recorded["arch"][k] for k in ARCH} == _arch(variant), model_name
+        src.unlink()
+
+
+def test_ambiguous_file_is_refused_with_the_candidates(tmp_path, capsys):
+    src, dst = tmp_path / "model.pth", tmp_path / "out.pkl"
+    torch.save(official_ablation.resnest50_fast_2s1x64d().state_dict(), src)
+    assert convert_main([str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert str(src) in err and "--variant resnest50 " in err and "--variant resnest50_fast_2s1x64d" in err
+    assert "avd_first" in err and not dst.exists()
+    # the user decides; the decision is recorded
+    assert convert_main([str(src), str(dst), "--variant", "resnest50_fast_2s1x64d"]) == 0
+    assert _recorded(dst)["variant"] == "resnest50_fast_2s1x64d" and _recorded(dst)["decided_by"] == "--variant"
+
+
+def test_file_name_contradicting_the_weights_is_refused(tmp_path, capsys):
+    src = tmp_path / "resnest101-22405ba7.pth"
+    torch.save(official_resnest.resnest50().state_dict(), src)
+    assert convert_main([str(src), str(tmp_path / "out.pkl")]) == 2
+    err = capsys.readouterr().err
+    assert "file name says resnest101" in err and "resnest50" in err
+
+
+def test_fast_checkpoint_end_to_end(tmp_path):
+    """The reviewer's case: an official resnest50_fast_2s1x64d file converted without --variant. It used to
+    be written as resnest50 and load strictly into resnest50 with res5 off by 2.5-4.8."""
+    from detectron2.layers import ShapeSpec
+
+    from resnest_backbone.d2 import SafeDetectionCheckpointer, build_resnest_backbone
+
+    torch.manual_seed(0)
+    official = randomize_norm_stats(official_ablation.resnest50_fast_2s1x64d()).eval()
+    src = tmp_path / "resnest50_fast_2s1x64d-44938639.pth"
+    torch.save(official.state_dict(), src)
+    outputs = {}
+    for fmt, name in (("d2", "fast.pkl"), ("mmdet", "fast_mmdet.pth"), ("official", "fast.safetensors")):
+        outputs[fmt] = str(tmp_path / name)
+        assert convert_checkpoint(str(src), outputs[fmt], fmt=fmt).variant == "resnest50_fast_2s1x64d"
+
+    def backbone(variant):
+        cfg = d2_cfg(**{"MODEL.RESNEST.VARIANT": variant, "MODEL.BACKBONE.FREEZE_AT": 0})
+        return build_resnest_backbone(cfg, ShapeSpec(channels=3)).eval()
+
+    wrong = backbone("resnest50")
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    for path in list(outputs.values()) + [str(src)]:  # every format, and the original by its name
+        with pytest.raises(CheckpointError) as err:
+            SafeDetectionCheckpointer(wrong).load(path)
+        message = str(err.value)
+        assert path in message and "resnest50_fast_2s1x64d" in message and "avd_first=True" in message
+        assert "resnest50 (avd_first=False)" in message and "nothing was loaded" in message
+        with pytest.raises(CheckpointError, match="avd_first"):
+            load_weights(build_resnest("resnest50"), path)
+        with pytest.raises(CheckpointError, match="avd_first"):
+            load_weights(build_resnest("resnest50"), path, strict=False)  # partial loads too
+    assert all(torch.equal(before[k], v) for k, v in wrong.state_dict().items())  # nothing was loaded
+
+    right = backbone("resnest50_fast_2s1x64d")
+    SafeDetectionCheckpointer(right).load(outputs["d2"])
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected, got = official_features(official, x), right(x)
+    for stage in expected:
+        assert (got[stage] - expected[stage]).abs().max().item() == 0.0, stage  # bit-identical
+
+
+def test_openmmlab_loader_checks_the_record(tmp_path):
+    pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs it)")
+    from resnest_backbone.mm import ResNeStSA
+
+    src = tmp_path / "resnest50_fast_2s1x64d-44938639.pth"
+    torch.save(official_ablation.resnest50_fast_2s1x64d().state_dict(), src)
+    dst = tmp_path / "renamed_by_user.pth"  # the record travels with the file, whatever its name
+    convert_checkpoint(str(src), str(dst), fmt="mmdet")
+    wrong = ResNeStSA(variant="resnest50", init_cfg=dict(type="Pretrained", checkpoint=str(dst)))
+    with pytest.raises(CheckpointError, match="avd_first"):
+        wrong.init_weights()
+    right = ResNeStSA(variant="resnest50_fast_2s1x64d", init_cfg=dict(type="Pretrained", checkpoint=str(dst)))
+    right.init_weights()
+    assert right.load_report.complete and right.load_report.record["variant"] == "resnest50_fast_2s1x64d"
+
+
+def test_training_checkpoints_record_the_model(tmp_path):
+    from detectron2.layers import ShapeSpec
+
+    from resnest_backbone.d2 import SafeDetectionCheckpointer, build_resnest_backbone
+
+    def backbone(variant):
+        cfg = d2_cfg(**{"MODEL.RESNEST.VARIANT": variant, "MODEL.BACKBONE.FREEZE_AT": 0})
+        return build_resnest_backbone(cfg, ShapeSpec(channels=3))
+
+    SafeDetectionCheckpointer(backbone("resnest50_fast_2s1x64d"), str(tmp_path)).save("model_final")
+    path = os.path.join(tmp_path, "model_final.pth")
+    assert torch.load(path, weights_only=True)["resnest"]["arch"]["avd_first"] is True
+    with pytest.raises(CheckpointError, match="saved from a model of resnest50_fast_2s1x64d"):
+        SafeDetectionCheckpointer(backbone("resnest50")).load(path)  # e.g. --eval-only with another config
+    SafeDetectionCheckpointer(backbone("resnest50_fast_2s1x64d")).load(path)

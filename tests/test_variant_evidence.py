@@ -173,3 +173,33 @@ def test_training_checkpoints_record_the_model(tmp_path):
     with pytest.raises(CheckpointError, match="saved from a model of resnest50_fast_2s1x64d"):
         SafeDetectionCheckpointer(backbone("resnest50")).load(path)  # e.g. --eval-only with another config
     SafeDetectionCheckpointer(backbone("resnest50_fast_2s1x64d")).load(path)
+
+
+def test_state_dicts_carry_the_architecture(tmp_path):
+    """A trunk's state_dict records its architecture in its metadata (no extra keys: official files still
+    load strictly), so torch.save + load_state_dict, mmengine's load_from / resume and detectron2 training
+    checkpoints refuse a trunk of another avd_first."""
+    fast, plain = build_resnest("resnest50_fast_2s1x64d"), build_resnest("resnest50")
+    path = tmp_path / "fast_state.pth"
+    torch.save(fast.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert set(state) == set(plain.state_dict())  # the same tensors: shapes alone cannot tell
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match="avd_first=True but this model has avd_first=False"):
+        plain.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+    build_resnest("resnest50_fast_2s1x64d").load_state_dict(state)  # the right model loads it
+    plain.load_state_dict(official_resnest.resnest50().state_dict(), strict=False)  # official: no record
+
+
+def test_mmengine_load_from_refuses_another_avd_first(tmp_path):
+    pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs it)")
+    from mmengine.runner.checkpoint import load_checkpoint, save_checkpoint
+
+    from resnest_backbone.mm import ResNeStSA
+
+    path = str(tmp_path / "epoch_1.pth")
+    save_checkpoint(ResNeStSA(variant="resnest50_fast_2s1x64d").state_dict(), path)  # what a Runner writes
+    with pytest.raises(ValueError, match="avd_first"):
+        load_checkpoint(ResNeStSA(variant="resnest50"), path, map_location="cpu")  # load_from / resume
+    load_checkpoint(ResNeStSA(variant="resnest50_fast_2s1x64d"), path, map_location="cpu")

@@ -20,13 +20,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..core.trunk import WEIGHT_ARCH_KEYS as ARCH_KEYS  # the knobs a trunk's weights are for
 from ..core.variants import ALIASES, VARIANTS, get_variant
 from .io import CheckpointError
 
-# The knobs a trunk's weights are for. Output stride, dilation, norm type and DropBlock are not: an
-# ImageNet trunk loads into a dilated DeepLab trunk or a FrozenBN detector unchanged.
-ARCH_KEYS = ("layers", "stem_width", "radix", "cardinality", "bottleneck_width", "deep_stem", "avg_down",
-             "avd", "avd_first")
 SHAPE_KEYS = ("layers", "stem_width", "radix", "cardinality", "bottleneck_width", "deep_stem", "avg_down")
 INVISIBLE = tuple(k for k in ARCH_KEYS if k not in SHAPE_KEYS)  # avd, avd_first
 RECORD_KEY = "resnest"
@@ -135,7 +132,7 @@ def model_record(trunk) -> dict:
 
 
 def model_arch(trunk) -> dict:
-    return {k: _plain(trunk.arch[k]) for k in ARCH_KEYS}
+    return trunk.weight_arch()
 
 
 def find_record(data: Any, path: str, metadata: Optional[Dict[str, str]] = None) -> Optional[dict]:

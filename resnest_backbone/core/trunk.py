@@ -17,6 +17,11 @@ from .split_attention import SplitAttentionConv2d
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 STAGE_PLANES = (64, 128, 256, 512)
 EXPANSION = 4
+# The knobs a trunk's weights are for (output stride, norm type, DropBlock are not: an ImageNet trunk
+# loads into a dilated or FrozenBN trunk unchanged). avd and avd_first cannot be seen in the tensors.
+WEIGHT_ARCH_KEYS = ("layers", "stem_width", "radix", "cardinality", "bottleneck_width", "deep_stem", "avg_down",
+                    "avd", "avd_first")
+ARCH_METADATA_KEY = "resnest_arch"  # in state_dict._metadata[<trunk prefix>], saved with the tensors
 # output stride -> (stride, dilation) per stage res2..res5, as the official `dilated` / `dilation` options.
 OUTPUT_STRIDES = {
     32: ((1, 2, 2, 2), (1, 1, 1, 1)),
@@ -177,6 +182,7 @@ class ResNeSt(nn.Module):
             self.fc = nn.Linear(in_channels, num_classes)
         self.out_features: List[str] = list(out_features)
         self._init_weights()
+        self._register_state_dict_hook(_record_weight_arch)
 
     @staticmethod
     def _make_stage(in_channels, planes, blocks, stride, dilation, first_stage, contract_dilation,
@@ -210,6 +216,27 @@ class ResNeSt(nn.Module):
                 avd=avd and first_block and (stride > 1 or not first_stage),
                 norm_layer=norm_layer, **block_kwargs))
         return nn.Sequential(*blocks_list)
+
+    def weight_arch(self) -> Dict[str, object]:
+        """The architecture the trunk's weights are for (WEIGHT_ARCH_KEYS), as plain values."""
+        return {k: list(self.arch[k]) if isinstance(self.arch[k], tuple) else self.arch[k]
+                for k in WEIGHT_ARCH_KEYS}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        """Refuse a state_dict saved from a trunk of another architecture: every state_dict of a trunk
+        records weight_arch() in its metadata (torch.save and mmengine keep it), because avd_first is
+        invisible in the tensors and would otherwise load silently."""
+        saved = local_metadata.get(ARCH_METADATA_KEY) if isinstance(local_metadata, dict) else None
+        if isinstance(saved, dict):
+            ours = self.weight_arch()
+            different = [k for k in WEIGHT_ARCH_KEYS if k in saved and saved[k] != ours[k]]
+            if different:
+                raise ValueError(
+                    f"state_dict for {prefix or 'the trunk'!r} was saved from a ResNeSt with "
+                    + ", ".join(f"{k}={saved[k]}" for k in different) + " but this model has "
+                    + ", ".join(f"{k}={ours[k]}" for k in different) + "; nothing of the trunk was loaded. "
+                    "Build the model with the checkpoint's architecture.")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def _init_weights(self) -> None:
         # Official init: He-normal (fan-out) convs. Norms keep their identity init, so a zeroed bn3
@@ -320,6 +347,11 @@ class ResNeSt(nn.Module):
             name = f"layer{index}"
             setattr(self, name, frozen_bn(getattr(self, name)))
         return self
+
+
+def _record_weight_arch(module: "ResNeSt", destination, prefix, local_metadata) -> None:
+    # a state_dict hook: the trunk's architecture goes into the state_dict's per-module metadata
+    local_metadata[ARCH_METADATA_KEY] = module.weight_arch()
 
 
 def _check_config(layers, radix, cardinality, bottleneck_width, stem_width, output_stride, strides,

@@ -194,6 +194,9 @@ def _torch_refusal(exc: Exception) -> Optional[str]:
     match = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global: ([\w.]+)", text, re.I)
     if match:
         return match.group(1)
+    match = re.search(r"checkpoint asks for (getattr\(.*?\))", text)  # an allowlisted gadget refused it
+    if match:
+        return match.group(1)
     return None
 
 

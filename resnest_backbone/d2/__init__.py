@@ -9,6 +9,8 @@ from .backbone import (ResNeStBackbone, build_resnest_backbone, build_resnest_fp
 from .checkpoint import SafeDetectionCheckpointer
 from .config import add_resnest_config
 from .deeplab import add_resnest_deeplab_config, build_resnest_deeplab_backbone  # noqa: F401  (registers)
+from .hooks import ResNeStDropBlockHook, build_dropblock_hook
 
-__all__ = ["ResNeStBackbone", "SafeDetectionCheckpointer", "add_resnest_config", "build_resnest_backbone", "build_resnest_fpn_backbone",
+__all__ = ["ResNeStBackbone", "ResNeStDropBlockHook", "SafeDetectionCheckpointer", "add_resnest_config",
+           "build_dropblock_hook", "build_resnest_backbone", "build_resnest_fpn_backbone",
            "build_resnest_retinanet_fpn_backbone", "resnest_kwargs_from_cfg"]

@@ -27,5 +27,9 @@ def add_resnest_config(cfg) -> None:
     _C.NORM = ""
     _C.OUTPUT_STRIDE = 32  # 32, 16 (dilated res5) or 8 (dilated res4 + res5)
     _C.RES5_MULTI_GRID = None  # e.g. [1, 2, 4] (DeepLab)
-    _C.DROPBLOCK_PROB = 0.0  # DropBlock in res4/res5 (ramp it with resnest_backbone.DropBlockScheduler)
+    # DropBlock (block 3) in res4/res5, the final drop probability. When > 0, resnest_backbone.d2.Trainer adds
+    # ResNeStDropBlockHook, which ramps it linearly from 0 over DROPBLOCK_RAMP_ITERS iterations
+    # (0 = over the whole training, SOLVER.MAX_ITER).
+    _C.DROPBLOCK_PROB = 0.0
+    _C.DROPBLOCK_RAMP_ITERS = 0
     _C.LAST_GAMMA = False  # zero-init the last norm of each block

@@ -15,6 +15,7 @@ import importlib.util
 
 from .backbone import ResNeStSA, mm_norm
 from .compat import allow_mmengine_checkpoints
+from .hooks import ResNeStDropBlockHook, register_hooks
 
 REGISTRY_NAME = "ResNeStSA"
 
@@ -44,6 +45,8 @@ def _register() -> list:
 
 
 REGISTERED_IN = _register()
+HOOKS_REGISTERED_IN = register_hooks()  # ResNeStDropBlockHook: mmengine's HOOKS, and mmdet's / mmseg's
 allow_mmengine_checkpoints()
 
-__all__ = ["REGISTERED_IN", "REGISTRY_NAME", "ResNeStSA", "allow_mmengine_checkpoints", "mm_norm"]
+__all__ = ["HOOKS_REGISTERED_IN", "REGISTERED_IN", "REGISTRY_NAME", "ResNeStDropBlockHook", "ResNeStSA",
+           "allow_mmengine_checkpoints", "mm_norm", "register_hooks"]

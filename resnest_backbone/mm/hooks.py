@@ -1,0 +1,91 @@
+"""mmengine hook that ramps ResNeSt's DropBlock linearly over training (the official recipe).
+
+    custom_imports = dict(imports=['resnest_backbone.mm'], allow_failed_imports=False)
+    model = dict(backbone=dict(type='ResNeStSA', ..., dropblock_prob=0.1))
+    custom_hooks = [dict(type='ResNeStDropBlockHook', ramp_iters=0)]   # 0: over the whole training
+
+Importing resnest_backbone.mm registers it (register_hooks) as `ResNeStDropBlockHook` in mmengine's HOOKS and
+in mmdet's / mmseg's HOOKS where installed. This module imports only mmengine (and torch).
+"""
+import importlib
+import importlib.util
+import logging
+from typing import List, Optional
+
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+from ..core.dropblock import DropBlockScheduler
+
+HOOK_NAME = "ResNeStDropBlockHook"
+
+__all__ = ["HOOK_NAME", "ResNeStDropBlockHook", "register_hooks"]
+
+
+class ResNeStDropBlockHook(Hook):
+    """Before every training iteration, sets the drop_prob of every DropBlock2D in the runner's model to
+
+        start + (drop_prob - start) * min((runner.iter + 1) / ramp_iters, 1)
+
+    Derived from `runner.iter` only (no counter of the hook's own), so a resumed run trains with the value of
+    the iteration it resumes at; iteration- and epoch-based loops alike (runner.iter counts iterations).
+
+    drop_prob: the final value; None = each block's configured value (the backbone's `dropblock_prob`).
+    ramp_iters: iterations to reach it; 0 = runner.max_iters (the whole training). start: first value."""
+
+    priority = "NORMAL"
+
+    def __init__(self, drop_prob: Optional[float] = None, ramp_iters: int = 0, start: float = 0.0):
+        if ramp_iters < 0:
+            raise ValueError(f"{HOOK_NAME} ramp_iters={ramp_iters} must be >= 0 (0: the whole training)")
+        if drop_prob is not None and not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"{HOOK_NAME} drop_prob={drop_prob} must be in [0, 1)")
+        self.drop_prob, self.ramp_iters, self.start = drop_prob, int(ramp_iters), float(start)
+        self.scheduler: Optional[DropBlockScheduler] = None
+
+    def _scheduler(self, runner) -> DropBlockScheduler:
+        if self.scheduler is None:
+            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+            steps = self.ramp_iters or int(runner.max_iters)
+            self.scheduler = DropBlockScheduler(model, self.drop_prob, max(steps, 1), self.start)
+            logger = getattr(runner, "logger", None) or logging.getLogger(__name__)
+            if not self.scheduler.blocks:
+                logger.warning(f"{HOOK_NAME}: the model has no DropBlock2D (backbone dropblock_prob=0?)")
+            else:
+                final = self.drop_prob if self.drop_prob is not None else "their configured value"
+                logger.info(f"DropBlock: {len(self.scheduler.blocks)} blocks ramped from {self.start} to {final} "
+                            f"over {steps} iterations")
+        return self.scheduler
+
+    def _update(self, runner) -> None:
+        self._scheduler(runner).set_progress(int(runner.iter) + 1)
+
+    def before_train(self, runner) -> None:
+        self._update(runner)
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        self._update(runner)
+
+    @property
+    def current(self) -> List[float]:
+        """The drop_prob values now set (one per DropBlock2D)."""
+        return self.scheduler.current if self.scheduler is not None else []
+
+
+def register_hooks() -> List[str]:
+    """Register the hook in mmengine's HOOKS and in mmdet's / mmseg's HOOKS where they import; returns where."""
+    registered = []
+    registries = [("mmengine", HOOKS)]
+    for package in ("mmdet", "mmseg"):
+        if importlib.util.find_spec(package) is None:
+            continue
+        try:
+            registries.append((package, importlib.import_module(f"{package}.registry").HOOKS))
+        except (ImportError, AssertionError, AttributeError):  # mmdet/mmseg assert their mmcv version on import
+            continue
+    for package, registry in registries:
+        if registry.module_dict.get(HOOK_NAME) is not ResNeStDropBlockHook:
+            registry.register_module(name=HOOK_NAME, module=ResNeStDropBlockHook, force=True)
+        registered.append(package)
+    return registered

@@ -91,6 +91,20 @@ def test_ambiguous_file_is_refused_with_the_candidates(tmp_path, capsys):
     assert _recorded(dst)["variant"] == "resnest50_fast_2s1x64d" and _recorded(dst)["decided_by"] == "--variant"
 
 
+@pytest.mark.parametrize("name,variant", [
+    ("resnest50-528c19ca.pth", "resnest50"), ("resnest50_fast_2s1x64d-44938639.pth", "resnest50_fast_2s1x64d"),
+    ("resnest50d_4s2x40d-41d14ed0.pth", "resnest50d_4s2x40d"), ("gluon_resnest50.pth", "resnest50"),
+    ("resnest50_d2.pkl", "resnest50"), ("resnest101-mmdet.pth", "resnest101"),
+    ("resnest50_fast_2s1x64d_finetuned.pth", "resnest50_fast_2s1x64d"),
+    ("resnest50_fast.pth", None), ("resnest50_2s1x64d.pth", None), ("resnest500.pth", None), ("model.pth", None),
+    ("models--timm--resnest26d.gluon_in1k/snapshots/0123/model.safetensors", "resnest26d"),
+])
+def test_file_name_conventions(name, variant):
+    from resnest_backbone.convert import variant_from_filename
+
+    assert variant_from_filename(os.path.join("/some/folder", name)) == variant
+
+
 def test_file_name_contradicting_the_weights_is_refused(tmp_path, capsys):
     src = tmp_path / "resnest101-22405ba7.pth"
     torch.save(official_resnest.resnest50().state_dict(), src)

@@ -179,10 +179,30 @@ def variant_from_filename(path: str) -> Optional[str]:
         name = _HASH.sub("", name)
         for prefix in ("gluon_", "timm_", "timm-"):
             name = name[len(prefix):] if name.startswith(prefix) else name
-        key = ALIASES.get(name, name)
-        if key in VARIANTS:
+        key = _named_variant(name)
+        if key is not None:
             return key
     return None
+
+
+_ABLATION = re.compile(r"fast|\d+s\d+x\d+d")
+
+
+def _named_variant(name: str) -> Optional[str]:
+    """A variant name, or one followed by a user's suffix (`resnest50_d2`, `resnest101-mmdet`): the longest
+    variant name that ends at a separator, unless the suffix itself names an ablation (`_fast`, `2s1x64d`)
+    that no row matches."""
+    key = ALIASES.get(name, name)
+    if key in VARIANTS:
+        return key
+    best = None
+    for candidate in list(VARIANTS) + list(ALIASES):
+        if name.startswith(candidate) and name[len(candidate):len(candidate) + 1] in ("_", "-"):
+            if _ABLATION.search(name[len(candidate) + 1:]):
+                continue
+            if best is None or len(candidate) > len(best):
+                best = candidate
+    return ALIASES.get(best, best) if best else None
 
 
 def check_arch(path: str, evidence: Optional[dict], model: dict, where: str = "the model",

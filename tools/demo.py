@@ -215,4 +215,10 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as exc:  # CheckpointError (a refused MODEL.WEIGHTS) and invalid config values
+        if type(exc).__name__ != "CheckpointError":
+            raise
+        print(f"demo: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -217,3 +217,28 @@ def test_mmengine_load_from_refuses_another_avd_first(tmp_path):
     with pytest.raises(ValueError, match="avd_first"):
         load_checkpoint(ResNeStSA(variant="resnest50"), path, map_location="cpu")  # load_from / resume
     load_checkpoint(ResNeStSA(variant="resnest50_fast_2s1x64d"), path, map_location="cpu")
+
+
+def test_mmengine_load_from_refuses_a_trunk_that_does_not_fit(tmp_path):
+    """mmengine's load_from copies what fits and only logs size mismatches; ResNeStSA refuses a partial or
+    wrong-shape trunk before any of it is copied (heads may differ)."""
+    pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs it)")
+    from mmengine.runner.checkpoint import load_checkpoint, save_checkpoint
+
+    from resnest_backbone.convert import CheckpointError
+    from resnest_backbone.mm import ResNeStSA
+
+    def detector(variant, classes=3):
+        model = torch.nn.Module()
+        model.backbone = ResNeStSA(variant=variant)
+        model.head = torch.nn.Linear(4, classes)
+        return model
+
+    path = str(tmp_path / "iter_10.pth")
+    save_checkpoint(detector("resnest26d").state_dict(), path)
+    target = detector("resnest14d")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"ResNeStSA\(resnest14d\).*unexpected"):
+        load_checkpoint(target, path, map_location="cpu")  # what Runner.load_from does
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items() if k.startswith("backbone."))
+    load_checkpoint(detector("resnest26d", classes=5), path, map_location="cpu")  # other heads: fine

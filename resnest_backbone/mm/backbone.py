@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..convert.io import CheckpointError, open_checkpoint
-from ..convert.load import LoadReport, match_trunk, mismatch_error
+from ..convert.load import LoadReport, compare_with_model, detected_variants, match_trunk, mismatch_error
 from ..convert.naming import MMDET
 from ..core import STAGE_NAMES, ResNeSt, SyncBatchNorm, get_variant
 
@@ -175,16 +175,30 @@ class ResNeStSA(ResNeSt, BaseModule):
         return self
 
     # --------------------------------------------------------------------------------------------- weights
+    # A load that brings any trunk tensor must bring all of them, with our shapes (mmengine's load_from /
+    # resume otherwise copies what fits and only logs the rest). False: torch's / mmengine's own semantics.
+    strict_trunk = True
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Accept mmdet/mmseg-named weights (stem.*, GN's gn*) by renaming them to ours before loading;
-        runs before the submodules load, so whole-model loads (Runner load_from/resume) benefit too."""
+        """Accept mmdet/mmseg-named weights (stem.*, GN's gn*) by renaming them to ours before loading, and
+        refuse a partial or wrong-shape trunk before anything of it is copied; runs before the submodules
+        load, so whole-model loads (Runner load_from/resume) get both."""
         keys = [k for k in state_dict if k.startswith(prefix)]
+        own = self.state_dict()
         if any(k.startswith(prefix + "stem.") or ".gn" in k for k in keys):
-            own = set(self.state_dict().keys())
             for key in keys:
                 new = _to_ours(key[len(prefix):], own)
                 if new is not None and prefix + new not in state_dict:
                     state_dict[prefix + new] = state_dict.pop(key)
+            keys = [k for k in state_dict if k.startswith(prefix)]
+        if self.strict_trunk and keys:
+            report = LoadReport(source="the state_dict being loaded", target=prefix.rstrip(".") or "model")
+            compare_with_model(own, {k[len(prefix):]: state_dict[k] for k in keys}, report)
+            if not report.complete:
+                report.detected = detected_variants({k[len(prefix):]: state_dict[k] for k in keys})
+                raise mismatch_error(f"the state_dict loaded into '{prefix.rstrip('.') or 'model'}'",
+                                     f"ResNeStSA({self.variant})", report,
+                                     hint="set ResNeStSA.strict_trunk = False to load it partially")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def init_weights(self) -> None:
@@ -215,8 +229,12 @@ class ResNeStSA(ResNeSt, BaseModule):
         if report.mismatched or (strict and not report.complete):
             raise mismatch_error(str(checkpoint), f"ResNeStSA({self.variant})", report,
                                  hint="" if report.mismatched else "init_cfg strict=False loads what fits")
-        with torch.no_grad():
-            self.load_state_dict(to_load, strict=False)
+        strict_trunk, self.strict_trunk = self.strict_trunk, False  # partial by request (init_cfg strict=False)
+        try:
+            with torch.no_grad():
+                self.load_state_dict(to_load, strict=False)
+        finally:
+            self.strict_trunk = strict_trunk
         report.loaded = sorted(to_load)
         level = logging.INFO if report.complete else logging.WARNING
         print_log("ResNeStSA init_cfg Pretrained: " + "\n".join(report.lines()), logger="current", level=level)

@@ -108,7 +108,7 @@ def _cli_cases(path, tmp_path):
                                    "MODEL.WEIGHTS", str(path), "OUTPUT_DIR", str(tmp_path / "eval")]),
         ("train_net --resume", [tool("train_net.py"), "--config-file", DEMO, "--resume", *TINY,
                                 "OUTPUT_DIR", str(resume_dir)]),
-        ("demo MODEL.WEIGHTS", [tool("demo.py"), "--max-iter", "1", "--output", str(tmp_path / "demo"), *TINY[:8],
+        ("demo MODEL.WEIGHTS", [tool("demo.py"), "--max-iter", "4", "--output", str(tmp_path / "demo"), *TINY[:8],
                                 "MODEL.WEIGHTS", str(path)]),
     ]
 

@@ -164,8 +164,9 @@ def main(argv=None) -> dict:
 
     opts = list(args.opts or [])
     if args.max_iter is not None:
-        opts += ["SOLVER.MAX_ITER", str(args.max_iter),
-                 "SOLVER.STEPS", f"({int(args.max_iter * 0.75)}, {int(args.max_iter * 0.92)})",
+        # LR drops at 75% and 92%, each once and inside the run (short runs would repeat a milestone)
+        steps = sorted({s for s in (int(args.max_iter * 0.75), int(args.max_iter * 0.92)) if 0 < s < args.max_iter})
+        opts += ["SOLVER.MAX_ITER", str(args.max_iter), "SOLVER.STEPS", str(tuple(steps)),
                  "SOLVER.WARMUP_ITERS", str(min(100, max(1, args.max_iter // 5)))]
     test_name = "resnest_demo_det_val"
     if args.val_limit > 0:

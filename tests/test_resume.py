@@ -1,5 +1,9 @@
 """A training run killed with SIGKILL resumes (--resume) at the iteration of its last checkpoint, and no
-checkpoint on disk is left unreadable (checkpoints are written to a temporary file, then renamed)."""
+checkpoint on disk is left unreadable (checkpoints are written to a temporary file, then renamed).
+
+Resume is exact (resnest_backbone.d2.resume): killed after a checkpoint and resumed, a run ends with the same
+weights, bit for bit, as the same run never interrupted, every iteration done once on the same data with the
+same loss; also with a random seed (SEED -1), two processes, aspect-ratio grouping and data loader workers."""
 import json
 import os
 import signal
@@ -93,3 +97,225 @@ def test_sigkill_then_resume(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
     assert evaluated.returncode == 0, evaluated.stdout[-3000:]
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in evaluated.stdout
+
+
+# ------------------------------------------------------------------------------------------ exact resume
+# A run killed (SIGKILL) after a checkpoint and resumed with --resume ends with the same weights, bit for
+# bit, as the same run never interrupted, and replays every iteration's data and loss exactly once.
+#
+# The runs go through tools/train_net.py with one hook added in front (the recorder below): after every
+# step it appends the iteration, its total loss and the data stream position to a JSON-lines file (before
+# the checkpointer hook runs, so every checkpointed iteration is recorded), and it SIGKILLs its own process
+# at the start of iteration RESUME_KILL_AT: a deterministic kill point between two checkpoints.
+RECORDER = """
+import json, os, runpy, signal, sys
+sys.path.insert(0, {repo!r})
+from detectron2.engine import HookBase
+from resnest_backbone.d2 import train
+
+class Record(HookBase):
+    def before_step(self):
+        if self.trainer.iter == int(os.environ.get("RESUME_KILL_AT", "-1")):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_step(self):
+        loader = self.trainer._trainer.data_loader
+        row = {{"iter": self.trainer.iter, "loss": self.trainer.storage.history("total_loss").latest(),
+               "data": loader.state_dict() if hasattr(loader, "state_dict") else None}}
+        with open(os.environ["RESUME_RECORD"], "a") as f:
+            f.write(json.dumps(row) + "\\n")
+
+build_hooks = train.Trainer.build_hooks
+train.Trainer.build_hooks = lambda self: [Record()] + build_hooks(self)
+train.Trainer.exact_resume = os.environ.get("RESUME_EXACT", "1") == "1"
+sys.argv = [{train_net!r}] + sys.argv[1:]
+runpy.run_path({train_net!r}, run_name="__main__")
+"""
+EXACT_ITERS, EXACT_PERIOD, EXACT_KILL_AT = 12, 4, 10  # checkpoints after iterations 3, 7, 11; killed in 10
+# No evaluation (not under test here), random flips and a 2-size scale jitter: augmentation randomness in play.
+EXACT_OPTS = ["SOLVER.MAX_ITER", str(EXACT_ITERS), "SOLVER.CHECKPOINT_PERIOD", str(EXACT_PERIOD), "SEED", "3",
+              "DATASETS.TEST", "()", "INPUT.MIN_SIZE_TRAIN", "(56, 64)"]
+
+
+def _recorded_run(tmp_path, out, name, *extra, kill_at=None, exact=True, opts=()):
+    script = tmp_path / "recorded_train_net.py"
+    script.write_text(RECORDER.format(repo=REPO, train_net=os.path.join(REPO, "tools", "train_net.py")))
+    env = dict(_env(), RESUME_RECORD=str(tmp_path / f"{name}.jsonl"), RESUME_EXACT="1" if exact else "0")
+    if kill_at is not None:
+        env["RESUME_KILL_AT"] = str(kill_at)
+    cmd = [sys.executable, str(script), "--config-file", CONFIG, *extra, *TINY, *EXACT_OPTS, *opts,
+           "OUTPUT_DIR", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
+    rows = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+    return proc, rows
+
+
+def _killed_and_resumed(tmp_path, name, exact=True, opts=()):
+    """Run B: killed at the start of iteration EXACT_KILL_AT, then --resume to the same MAX_ITER."""
+    out = tmp_path / name
+    killed, before = _recorded_run(tmp_path, out, f"{name}_1", kill_at=EXACT_KILL_AT, exact=exact, opts=opts)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert not (out / "model_final.pth").exists()
+    last = (out / "last_checkpoint").read_text().strip()
+    saved = _checkpoint_iteration(out / last)
+    resumed, after = _recorded_run(tmp_path, out, f"{name}_2", "--resume", exact=exact, opts=opts)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    return out, saved, before, after, resumed.stdout
+
+
+def _tensors(path):
+    """Every tensor of a checkpoint (model, optimizer state, ...) by its path of keys."""
+    found = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            found[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}/{i}", v)
+
+    walk("", torch.load(path, map_location="cpu", weights_only=True))
+    return found
+
+
+def _max_abs_diff(a, b):
+    return max(((a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0) for k in a)
+
+
+def test_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    uninterrupted, rows_a = _recorded_run(tmp_path, tmp_path / "a", "a")
+    assert uninterrupted.returncode == 0, uninterrupted.stdout[-3000:]
+    out, saved, before, after, log = _killed_and_resumed(tmp_path, "b")
+
+    # The kill came after the checkpoint of iteration 7, which the resume starts from.
+    assert saved == 7 and [r["iter"] for r in before] == list(range(EXACT_KILL_AT))
+    assert f"Starting training from iteration {saved + 1}" in log
+    # Each iteration exactly once in the resumed history (the killed run's iterations up to its checkpoint,
+    # then the resumed run's), none skipped, none repeated; the killed run's work after its checkpoint
+    # (iterations 8 and 9) is done again.
+    history = [r for r in before if r["iter"] <= saved] + after
+    assert [r["iter"] for r in history] == list(range(EXACT_ITERS)) == [r["iter"] for r in rows_a]
+    assert [r["iter"] for r in after] == list(range(saved + 1, EXACT_ITERS))
+    # metrics.json: the resumed part's entries come after the checkpoint and end at the last iteration.
+    metrics = [json.loads(line) for line in open(out / "metrics.json")]
+    assert [m["iteration"] for m in metrics if "total_loss" in m][-1] == EXACT_ITERS - 1
+
+    # Final weights, BN statistics, optimizer momentum, LR scheduler: bit-identical.
+    final_a, final_b = _tensors(tmp_path / "a" / "model_final.pth"), _tensors(out / "model_final.pth")
+    assert final_a.keys() == final_b.keys()
+    assert any(k.startswith("/model/") and "running_var" in k for k in final_a)
+    assert any(k.startswith("/trainer/_trainer/optimizer/state/") for k in final_a)
+    different = [k for k in final_a if not torch.equal(final_a[k], final_b[k])]
+    assert not different, (f"{len(different)} tensors differ, e.g. {different[:5]}; max |a - b| = "
+                           f"{_max_abs_diff(final_a, final_b):.3g}")
+    state_a = torch.load(tmp_path / "a" / "model_final.pth", map_location="cpu", weights_only=True)["trainer"]
+    state_b = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["trainer"]
+    assert state_a["hooks"] == state_b["hooks"] and state_a["exact_resume"] == state_b["exact_resume"]
+    # Each iteration had the same data (position in the sample stream: 2 images a step, no image skipped or
+    # seen twice) and the same loss as in the uninterrupted run.
+    assert [r["data"] for r in history] == [r["data"] for r in rows_a]
+    assert [r["data"]["next"] for r in history] == [2 * (i + 1) for i in range(EXACT_ITERS)]
+    assert [r["loss"] for r in history] == [r["loss"] for r in rows_a]
+
+
+def test_resume_without_a_fixed_seed_redoes_the_lost_iterations_exactly(tmp_path):
+    """SEED -1 (detectron2's default: a random seed per run): the seed drawn by the killed run and its
+    sampler's seed are in the checkpoint, so the resumed run redoes the iterations lost with the kill (8 and
+    9) on the same data with the same loss, although it starts with a seed of its own."""
+    out, saved, before, after, log = _killed_and_resumed(tmp_path, "b", opts=["SEED", "-1"])
+    assert saved == 7 and f"Starting training from iteration {saved + 1}" in log
+    assert [r["iter"] for r in after] == list(range(saved + 1, EXACT_ITERS))
+    lost = [r for r in before if r["iter"] > saved]
+    assert [r["iter"] for r in lost] == [8, 9] and after[:2] == lost
+    # the resumed run kept the killed run's seeds (step seed, sampler / augmentation seed)
+    final, checkpoint = (torch.load(out / name, map_location="cpu", weights_only=True)["trainer"]["exact_resume"]
+                         for name in ("model_final.pth", "model_0000007.pth"))
+    assert final["seed"] == checkpoint["seed"]
+    assert final["data"][0]["train"]["seed"] == checkpoint["data"][0]["train"]["seed"]
+
+def test_train_loader_resumes_mid_stream_with_held_back_images():
+    """The data stream alone, no training: a ResumableTrainLoader restored from another's state_dict (after a
+    round trip through a weights-only checkpoint) hands out exactly the batches the first would have handed
+    out next, including images aspect-ratio grouping held back for a later batch; the batches do not depend
+    on the number of workers, and reading them leaves the global RNGs alone."""
+    import io
+    import itertools
+    import random
+
+    import numpy as np
+    from detectron2.data.samplers import TrainingSampler
+
+    from resnest_backbone.d2.resume import ResumableTrainLoader
+
+    # Every third image is tall (its own aspect-ratio bucket); the "augmentation" draws from numpy's,
+    # python's and torch's global RNGs, like detectron2's transforms and custom mappers do.
+    dicts = [{"id": i, "width": 20 if i % 3 == 0 else 40, "height": 30} for i in range(10)]
+
+    def mapper(d):
+        return dict(d, aug=(float(np.random.rand()), random.random(), float(torch.rand(()))))
+
+    def loader(workers=0):
+        return ResumableTrainLoader(dicts, mapper, TrainingSampler(len(dicts), seed=5), 3, num_workers=workers)
+
+    rng_before = (np.random.get_state()[1].copy(), random.getstate(), torch.get_rng_state())
+    full = list(itertools.islice(loader(), 12))
+    assert np.array_equal(np.random.get_state()[1], rng_before[0]) and random.getstate() == rng_before[1]
+    assert torch.equal(torch.get_rng_state(), rng_before[2])
+    assert all(len({d["width"] > d["height"] for d in batch}) == 1 for batch in full)
+    # sampling: epochs of the seeded shuffle, in order (up to the held-back images)
+    ids = sorted(d["id"] for batch in full[:6] for d in batch)
+    assert len(ids) == 18 and set(ids) == set(range(10))
+
+    for stop in (1, 4, 5):
+        first = loader()
+        head = list(itertools.islice(first, stop))
+        buffer = io.BytesIO()
+        torch.save({"data": first.state_dict()}, buffer)
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)["data"]  # plain ints and lists: weights-only loadable
+        resumed = loader()
+        resumed.load_state_dict(state)
+        assert head + list(itertools.islice(resumed, 12 - stop)) == full, stop
+    assert any(loader_state["pending"] for loader_state in _states_along(loader(), 12))
+    assert list(itertools.islice(loader(workers=2), 12)) == full
+
+
+def _states_along(loader, n):
+    it = iter(loader)
+    for _ in range(n):
+        next(it)
+        yield loader.state_dict()
+
+
+def test_two_process_stop_and_resume_is_bit_identical(tmp_path):
+    """Two processes (gloo, SyncBN in trunk and FPN), each with its own data stream position: a run stopped
+    after 4 iterations and resumed to 8 ends with the weights of a run of 8 (the checkpoint carries every
+    process's position, gathered to the main process when it is written)."""
+    def run(out, *extra):
+        cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", CONFIG,
+               "--num-gpus", "2", "--dist-url", "auto", *extra, *TINY, "SOLVER.IMS_PER_BATCH", "4",
+               "MODEL.RESNETS.NORM", "SyncBN", "MODEL.FPN.NORM", "SyncBN", "SEED", "1", "DATASETS.TEST", "()",
+               # warm-up shorter than the first part: detectron2 scales it with MAX_ITER when it is longer
+               "SOLVER.WARMUP_ITERS", "2",
+               "INPUT.MIN_SIZE_TRAIN", "(56, 64)", "OUTPUT_DIR", str(out)]
+        env = dict(_env())
+        env.pop("OMP_NUM_THREADS")  # the launcher gives each process its share of the cores
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        return torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+
+    whole = run(tmp_path / "a", "SOLVER.MAX_ITER", "8")
+    first = run(tmp_path / "b", "SOLVER.MAX_ITER", "4")
+    positions = first["trainer"]["exact_resume"]["data"]
+    assert len(positions) == 2 and all(p["train"]["next"] == 4 * 2 for p in positions)
+    resumed = run(tmp_path / "b", "--resume", "SOLVER.MAX_ITER", "8")
+    assert "Starting training from iteration 4" in (tmp_path / "b" / "log.txt.rank1").read_text()
+    assert whole["iteration"] == resumed["iteration"] == 7
+    assert whole["trainer"]["exact_resume"] == resumed["trainer"]["exact_resume"]
+    different = [k for k in whole["model"] if not torch.equal(whole["model"][k], resumed["model"][k])]
+    assert not different, different[:5]

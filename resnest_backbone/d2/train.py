@@ -2,7 +2,8 @@
 
     Trainer            DefaultTrainer + what a ResNeSt run needs: COCOEvaluator / SemSegEvaluator chosen from
                        the dataset, the DeepLab data pipeline and poly LR for semantic segmentation, the safe
-                       atomic checkpointer, the optimizer state in checkpoints (exact resume), CPU DDP
+                       atomic checkpointer, the optimizer state, data stream position and seeds in
+                       checkpoints (bit-exact resume: resume.py), CPU DDP
     setup_cfg          config from a yaml + overrides (MODEL.RESNEST.* and DeepLab keys known), adapted to the
                        device, checked against the datasets on disk, then detectron2's default_setup
     launch             detectron2's launch, plus CPU multi-process runs on the gloo backend
@@ -36,6 +37,8 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import SafeDetectionCheckpointer
 from .config import add_resnest_config
 from .deeplab import add_resnest_deeplab_config
+from .resume import ExactResumeMixin, build_resumable_train_loader
+from .hooks import build_dropblock_hook
 
 __all__ = ["CpuDistributedDataParallel", "Trainer", "adapt_cfg_to_device", "build_sem_seg_train_aug",
            "default_argument_parser", "get_resnest_cfg", "has_fast_coco_eval", "launch", "resnest_default_setup",
@@ -115,8 +118,12 @@ class CpuDistributedDataParallel(DistributedDataParallel):
                                  "norm 'SyncBN' in the ResNeSt backbone / FPN or 'naiveSyncBN' in heads on the CPU")
 
 
-class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer (same hooks, writers, evaluation loop) for ResNeSt models."""
+class Trainer(ExactResumeMixin, DefaultTrainer):
+    """detectron2's DefaultTrainer (same hooks, writers, evaluation loop) for ResNeSt models.
+
+    Resume is exact (resume.py): the training data stream is a ResumableTrainLoader whose position is in
+    the checkpoints, and each step's RNGs are seeded from (SEED, rank, iteration). `exact_resume = False`
+    gives detectron2's stock data loader and RNG handling."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, with two changes: DDP without device_ids on CPU (gloo), and the safe
@@ -153,6 +160,12 @@ class Trainer(DefaultTrainer):
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
 
+    def build_hooks(self):
+        # DropBlock ramp (MODEL.RESNEST.DROPBLOCK_PROB > 0): first, so it sets drop_prob before each step.
+        ret = super().build_hooks()
+        dropblock = build_dropblock_hook(self.cfg)
+        return ([dropblock] if dropblock is not None else []) + ret
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
@@ -167,10 +180,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        mapper = None
         if _is_semantic(cfg):
             mapper = DatasetMapper(cfg, is_train=True, augmentations=build_sem_seg_train_aug(cfg))
-            return build_detection_train_loader(cfg, mapper=mapper)
-        return build_detection_train_loader(cfg)
+        if cls.exact_resume:
+            return build_resumable_train_loader(cfg, mapper=mapper)
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

@@ -35,6 +35,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def tensors_of(value, prefix=""):
+    """Every tensor in a nested checkpoint (dicts, lists, tuples) by its path of keys."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    found = {}
+    for key, item in items:
+        found.update(tensors_of(item, f"{prefix}/{key}"))
+    return found
+
+
 def official_features(model, x):
     """layer1..layer4 outputs of an official resnest==0.0.5 model."""
     y = model.maxpool(model.relu(model.bn1(model.conv1(x))))

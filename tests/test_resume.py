@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from conftest import tensors_of
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo_faster_rcnn_resnest.yaml")
 # The demo config at test scale: 64 px images, batch 2, few proposals.
@@ -166,20 +168,7 @@ def _killed_and_resumed(tmp_path, name, exact=True, opts=()):
 
 def _tensors(path):
     """Every tensor of a checkpoint (model, optimizer state, ...) by its path of keys."""
-    found = {}
-
-    def walk(prefix, value):
-        if isinstance(value, torch.Tensor):
-            found[prefix] = value
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(f"{prefix}/{i}", v)
-
-    walk("", torch.load(path, map_location="cpu", weights_only=True))
-    return found
+    return tensors_of(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _max_abs_diff(a, b):

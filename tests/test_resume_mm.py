@@ -20,6 +20,7 @@ pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs m
 
 import torch  # noqa: E402
 
+from conftest import tensors_of  # noqa: E402
 from resnest_backbone.data.demo import ensure_demo_data  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,21 +113,8 @@ def _tensors(path):
     import resnest_backbone.mm  # noqa: F401  (installs the loader)
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    found = {}
-
-    def walk(prefix, value):
-        if isinstance(value, torch.Tensor):
-            found[prefix] = value
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(f"{prefix}/{i}", v)
-
     checkpoint = CheckpointLoader.load_checkpoint(str(path), map_location="cpu")
-    walk("", {k: checkpoint[k] for k in ("state_dict", "optimizer", "param_schedulers")})
-    return found, checkpoint
+    return tensors_of({k: checkpoint[k] for k in ("state_dict", "optimizer", "param_schedulers")}), checkpoint
 
 
 def test_mmengine_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tiny_det, tmp_path):

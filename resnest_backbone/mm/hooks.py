@@ -20,7 +20,7 @@ from ..core.dropblock import DropBlockScheduler
 
 HOOK_NAME = "ResNeStDropBlockHook"
 
-__all__ = ["HOOK_NAME", "ResNeStDropBlockHook", "register_hooks"]
+__all__ = ["HOOK_NAME", "ResNeStDropBlockHook", "register_hook", "register_hooks"]
 
 
 class ResNeStDropBlockHook(Hook):
@@ -73,8 +73,9 @@ class ResNeStDropBlockHook(Hook):
         return self.scheduler.current if self.scheduler is not None else []
 
 
-def register_hooks() -> List[str]:
-    """Register the hook in mmengine's HOOKS and in mmdet's / mmseg's HOOKS where they import; returns where."""
+def register_hook(name: str, hook: type) -> List[str]:
+    """Register `hook` as `name` in mmengine's HOOKS and in mmdet's / mmseg's HOOKS where they import;
+    returns where."""
     registered = []
     registries = [("mmengine", HOOKS)]
     for package in ("mmdet", "mmseg"):
@@ -85,7 +86,12 @@ def register_hooks() -> List[str]:
         except (ImportError, AssertionError, AttributeError):  # mmdet/mmseg assert their mmcv version on import
             continue
     for package, registry in registries:
-        if registry.module_dict.get(HOOK_NAME) is not ResNeStDropBlockHook:
-            registry.register_module(name=HOOK_NAME, module=ResNeStDropBlockHook, force=True)
+        if registry.module_dict.get(name) is not hook:
+            registry.register_module(name=name, module=hook, force=True)
         registered.append(package)
     return registered
+
+
+def register_hooks() -> List[str]:
+    """Register ResNeStDropBlockHook (see register_hook)."""
+    return register_hook(HOOK_NAME, ResNeStDropBlockHook)

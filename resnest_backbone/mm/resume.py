@@ -2,7 +2,7 @@
 `resume=True` ends with the same weights, bit for bit, as a run that was never interrupted (same config,
 `randomness=dict(seed=...)`; CPU, or a GPU with deterministic kernels).
 
-    custom_imports = dict(imports=['resnest_backbone.mm', 'resnest_backbone.mm.resume'], allow_failed_imports=False)
+    custom_imports = dict(imports=['resnest_backbone.mm'], allow_failed_imports=False)  # registers the hook
     custom_hooks = [dict(type='ExactResumeHook')]
 
 What mmengine already restores: the model (BN buffers included), the optimizer, the parameter schedulers,
@@ -29,9 +29,9 @@ from typing import List, Optional
 
 from mmengine.dist import get_rank
 from mmengine.hooks import Hook
-from mmengine.registry import HOOKS
 
 from ..seeding import DATA, mix_seed, seed_step, seeded
+from .hooks import register_hook
 
 __all__ = ["HOOK_NAME", "ExactResumeHook", "register_exact_resume_hook"]
 
@@ -95,22 +95,7 @@ class ExactResumeHook(Hook):
 
 def register_exact_resume_hook() -> List[str]:
     """Register ExactResumeHook in mmengine's HOOKS and in mmdet's / mmseg's where they import."""
-    import importlib
-    import importlib.util
-
-    registered, registries = [], [("mmengine", HOOKS)]
-    for package in ("mmdet", "mmseg"):
-        if importlib.util.find_spec(package) is None:
-            continue
-        try:
-            registries.append((package, importlib.import_module(f"{package}.registry").HOOKS))
-        except (ImportError, AssertionError, AttributeError):  # mmdet/mmseg assert their mmcv version on import
-            continue
-    for package, registry in registries:
-        if registry.module_dict.get(HOOK_NAME) is not ExactResumeHook:
-            registry.register_module(name=HOOK_NAME, module=ExactResumeHook, force=True)
-        registered.append(package)
-    return registered
+    return register_hook(HOOK_NAME, ExactResumeHook)
 
 
 REGISTERED_IN = register_exact_resume_hook()

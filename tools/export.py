@@ -23,7 +23,7 @@ import os
 import sys
 import types
 import warnings
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 

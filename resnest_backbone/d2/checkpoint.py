@@ -35,7 +35,7 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from ..convert.arch import RECORD_KEY, check_arch, file_evidence, find_record, model_arch, model_record
 from ..convert.io import (CheckpointError, _unwrap, atomic_write, read_checkpoint, safetensors_metadata,
                           verify_weights_only)
-from ..convert.load import LoadReport, compare_with_model, detected_variants, ignorable, mismatch_error
+from ..convert.load import LoadReport, compare_with_model, detected_variants, mismatch_error
 from ..convert.naming import OFFICIAL, detect_naming
 
 _TRUNK_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")
@@ -82,7 +82,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             out = data
         else:  # a bare state_dict, or one wrapped in "state_dict" (mmdet, timm)
             out = {"model": dict(_unwrap(data, filename))}
-        if self._heuristics:
+        if getattr(self, "_heuristics", False):  # set by load() from `?matching_heuristics=True`
             out["matching_heuristics"] = True
         if "Caffe2" != out.get("__author__"):
             self._place_trunk(out, filename)

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..core.trunk import WEIGHT_ARCH_KEYS as ARCH_KEYS  # the knobs a trunk's weights are for
+from ..core.trunk import arch_differences
 from ..core.variants import ALIASES, VARIANTS, get_variant
 from .io import CheckpointError
 
@@ -84,7 +85,7 @@ def read_arch(weights: Dict[str, torch.Tensor]) -> dict:
 def variants_matching(arch: dict) -> List[str]:
     """Rows of the variant table whose knobs equal those given (shape-visible ones, or all of ARCH_KEYS)."""
     keys = [k for k in ARCH_KEYS if k in arch]
-    return [name for name, v in VARIANTS.items() if all(_same(getattr(v, k), arch[k]) for k in keys)]
+    return [name for name, v in VARIANTS.items() if not arch_differences(arch, v.arch(), keys)]
 
 
 def describe_foreign(weights: Dict[str, torch.Tensor]) -> str:
@@ -214,7 +215,7 @@ def check_arch(path: str, evidence: Optional[dict], model: dict, where: str = "t
     if not evidence:
         return
     arch = evidence["arch"]
-    different = [k for k in keys if k in arch and not _same(arch[k], model[k])]
+    different = arch_differences(arch, model, keys)
     if not different:
         return
     if evidence.get("evidence") == "file name":
@@ -253,10 +254,6 @@ def _plain(value):
     if isinstance(value, int):
         return int(value)
     return value
-
-
-def _same(a, b) -> bool:
-    return _plain(a) == _plain(b)
 
 
 __all__ = ["ARCH_KEYS", "INVISIBLE", "RECORD_KEY", "SHAPE_KEYS", "check_arch", "describe_foreign",

@@ -229,7 +229,7 @@ class ResNeSt(nn.Module):
         saved = local_metadata.get(ARCH_METADATA_KEY) if isinstance(local_metadata, dict) else None
         if isinstance(saved, dict):
             ours = self.weight_arch()
-            different = [k for k in WEIGHT_ARCH_KEYS if k in saved and saved[k] != ours[k]]
+            different = arch_differences(saved, ours)
             if different:
                 raise ValueError(
                     f"state_dict for {prefix or 'the trunk'!r} was saved from a ResNeSt with "
@@ -347,6 +347,16 @@ class ResNeSt(nn.Module):
             name = f"layer{index}"
             setattr(self, name, frozen_bn(getattr(self, name)))
         return self
+
+
+def arch_differences(recorded: Dict[str, object], model: Dict[str, object],
+                     keys: Sequence[str] = WEIGHT_ARCH_KEYS) -> List[str]:
+    """The knobs in `keys` where a recorded architecture differs from a model's (lists and tuples alike):
+    the one comparison behind every architecture check (here and in resnest_backbone.convert)."""
+    def plain(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    return [k for k in keys if k in recorded and plain(recorded[k]) != plain(model[k])]
 
 
 def _record_weight_arch(module: "ResNeSt", destination, prefix, local_metadata) -> None:

@@ -36,7 +36,8 @@ TARGET_AP50 = 50.0
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG)
+    parser.add_argument("--config-file", "--config", default=DEFAULT_CONFIG,
+                        help="a path, or a project config's name")
     parser.add_argument("--output", default=os.path.join("output", "demo"))
     parser.add_argument("--max-iter", type=int, default=None, help="training iterations (default: the config's)")
     parser.add_argument("--val-limit", type=int, default=0, help="evaluate on the first N val images (0: all)")

@@ -166,11 +166,11 @@ def build_detectron2_model(config_file: str, opts: Sequence[str] = (), fuse: boo
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from resnest_backbone.d2 import SafeDetectionCheckpointer, add_resnest_config
+    from resnest_backbone.d2 import SafeDetectionCheckpointer, add_resnest_config, get_config_file
 
     cfg = get_cfg()
     add_resnest_config(cfg)
-    cfg.merge_from_file(config_file)
+    cfg.merge_from_file(get_config_file(config_file))
     cfg.merge_from_list(list(opts))
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
 
     d = sub.add_parser("detectron2", help="a detectron2 model (e.g. Faster R-CNN ResNeSt-FPN) via TracingAdapter")
     common(d)
-    d.add_argument("--config-file", required=True)
+    d.add_argument("--config-file", "--config", required=True, help="a path, or a project config's name")
     d.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
 
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 evaluated with COCOEvaluator) and semantic segmentation (DeepLabV3, evaluated with SemSegEvaluator), chosen
 by the config.
 
+    tools/train_net.py --config faster_rcnn_resnest50_fpn.yaml --num-gpus 8     # a project config, by name
     tools/train_net.py --config-file configs/faster_rcnn_resnest50_fpn.yaml --num-gpus 8
     tools/train_net.py --config-file configs/deeplabv3_resnest50_ade20k.yaml --num-gpus 8
     tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
@@ -31,6 +32,7 @@ from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from resnest_backbone.convert import CheckpointError  # noqa: E402
 from resnest_backbone.d2.checkpoint import SafeDetectionCheckpointer  # noqa: E402
+from resnest_backbone.d2.model_zoo import get_config_file  # noqa: E402
 from resnest_backbone.d2.train import Trainer, default_argument_parser, launch, setup_cfg  # noqa: E402
 
 
@@ -51,6 +53,12 @@ def main(args):
 
 def run(argv=None):
     args = default_argument_parser().parse_args(argv)
+    if args.config_file:
+        try:  # a path, or a project config's name: faster_rcnn_resnest50_fpn.yaml from any directory
+            args.config_file = get_config_file(args.config_file)
+        except FileNotFoundError as exc:
+            print(f"train_net: error: {exc}", file=sys.stderr)
+            sys.exit(2)
     print("Command Line Args:", args)
     try:
         return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 import detectron2.data.transforms as T
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_argument_parser, default_setup
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine import default_argument_parser as d2_argument_parser
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
@@ -39,6 +40,7 @@ from .config import add_resnest_config
 from .deeplab import add_resnest_deeplab_config
 from .resume import ExactResumeMixin, build_resumable_train_loader
 from .hooks import build_dropblock_hook
+from .model_zoo import get_config_file
 
 __all__ = ["CpuDistributedDataParallel", "Trainer", "adapt_cfg_to_device", "build_sem_seg_train_aug",
            "default_argument_parser", "get_resnest_cfg", "has_fast_coco_eval", "launch", "resnest_default_setup",
@@ -229,7 +231,7 @@ def setup_cfg(args, default_setup_fn=resnest_default_setup):
 
     cfg = get_resnest_cfg()
     if args.config_file:
-        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_file(get_config_file(args.config_file))  # a path, or a project config's name
     cfg.merge_from_list(args.opts or [])
     adapt_cfg_to_device(cfg)
     cfg.freeze()
@@ -238,6 +240,16 @@ def setup_cfg(args, default_setup_fn=resnest_default_setup):
     names = list(cfg.DATASETS.TEST) + ([] if getattr(args, "eval_only", False) else list(cfg.DATASETS.TRAIN))
     check_datasets(names)
     return cfg
+
+
+def default_argument_parser(epilog=None):
+    """detectron2's parser (--config-file --resume --eval-only --num-gpus ...), plus `--config` as another
+    name for --config-file; both take a path or a project config's name (model_zoo.get_config_file)."""
+    parser = d2_argument_parser(epilog)
+    parser.add_argument("--config", dest="config_file", metavar="FILE_OR_NAME",
+                        help="same as --config-file: a path, or a project config's name "
+                             "(e.g. faster_rcnn_resnest50_fpn.yaml)")
+    return parser
 
 
 # ---------------------------------------------------------------------------------------------------- launch

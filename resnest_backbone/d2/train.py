@@ -63,9 +63,12 @@ def get_resnest_cfg():
 
 
 def has_fast_coco_eval() -> bool:
-    """True when detectron2's C++ COCO evaluation is built (this project's pure-Python build has a stand-in)."""
-    from detectron2 import _C
-
+    """True when detectron2's C++ COCO evaluation is built (this project's pure-Python build has a stand-in;
+    an upstream install without the extension has no _C at all)."""
+    try:
+        from detectron2 import _C
+    except ImportError:
+        return False
     return not str(getattr(_C, "__file__", "")).endswith(".py")
 
 

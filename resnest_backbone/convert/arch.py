@@ -126,14 +126,10 @@ def make_record(variant: str, decided_by: str, source: str = "", source_naming: 
 
 def model_record(trunk) -> dict:
     """The record of a built trunk (written into training checkpoints)."""
-    arch = model_arch(trunk)
+    arch = trunk.weight_arch()
     names = variants_matching(arch)
     return {"variant": names[0] if names else "custom", "arch": arch, "decided_by": "model", "source": "",
             "source_naming": "official", "writer": writer()}
-
-
-def model_arch(trunk) -> dict:
-    return trunk.weight_arch()
 
 
 def find_record(data: Any, path: str, metadata: Optional[Dict[str, str]] = None) -> Optional[dict]:
@@ -257,5 +253,5 @@ def _plain(value):
 
 
 __all__ = ["ARCH_KEYS", "INVISIBLE", "RECORD_KEY", "SHAPE_KEYS", "check_arch", "describe_foreign",
-           "file_evidence", "find_record", "fmt_arch", "make_record", "model_arch", "model_record",
+           "file_evidence", "find_record", "fmt_arch", "make_record", "model_record",
            "read_arch", "variant_from_filename", "variants_matching"]

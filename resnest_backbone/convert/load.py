@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .arch import (ARCH_KEYS, INVISIBLE, check_arch, describe_foreign, file_evidence, find_record, fmt_arch, model_arch, read_arch,
-                   variants_matching)
+from .arch import (ARCH_KEYS, INVISIBLE, check_arch, describe_foreign, file_evidence, find_record, fmt_arch,
+                   read_arch, variants_matching)
 from .io import Checkpoint, CheckpointError, open_checkpoint
 from .naming import detect_naming
 
@@ -185,7 +185,7 @@ def match_trunk(trunk: nn.Module, ckpt: Checkpoint, target: str = "", prefix: st
     official = trunk_weights(weights, naming, found, expected, report, rename)
     to_load = compare_with_model(expected, official, report)
     if check_architecture:  # all of it when the shapes fit; what shapes cannot show when they do not
-        check_arch(ckpt.path, report.record, model_arch(trunk),
+        check_arch(ckpt.path, report.record, trunk.weight_arch(),
                    where=f"the model's ResNeSt trunk{' (' + target + ')' if target else ''}",
                    keys=ARCH_KEYS if report.complete else INVISIBLE)
     return report, to_load

@@ -91,6 +91,14 @@ class DropBlock2D(nn.Module):
         return f"drop_prob={self.drop_prob}, block_size={self.block_size}"
 
 
+def check_ramp(owner: str, drop_prob: Optional[float], ramp_iters: int) -> None:
+    """The arguments of a DropBlock ramp hook (detectron2's and mmengine's): ValueError naming the bad one."""
+    if ramp_iters < 0:
+        raise ValueError(f"{owner} ramp_iters={ramp_iters} must be >= 0 (0: the whole training)")
+    if drop_prob is not None and not 0.0 <= drop_prob < 1.0:
+        raise ValueError(f"{owner} drop_prob={drop_prob} must be in [0, 1)")
+
+
 class DropBlockScheduler:
     """Linear ramp of every DropBlock2D in a model from `start` to `stop` over `steps` iterations.
 

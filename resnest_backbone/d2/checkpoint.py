@@ -32,7 +32,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-from ..convert.arch import RECORD_KEY, check_arch, file_evidence, find_record, model_arch, model_record
+from ..convert.arch import RECORD_KEY, check_arch, file_evidence, find_record, model_record
 from ..convert.io import (CheckpointError, _unwrap, atomic_write, read_checkpoint, safetensors_metadata,
                           verify_weights_only)
 from ..convert.load import LoadReport, compare_with_model, detected_variants, mismatch_error
@@ -135,7 +135,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         checkpoint["model"] = renamed
 
     def _load_model(self, checkpoint):
-        trunk = self._trunk_name()
+        found = self._trunk()
         if checkpoint.get("matching_heuristics", False):
             # detectron2's own alignment, done here so the trunk is checked before anything is copied
             self._convert_ndarray_to_tensor(checkpoint["model"])
@@ -143,9 +143,10 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 self.model.state_dict(), checkpoint["model"],
                 c2_conversion=checkpoint.get("__author__", None) == "Caffe2")
             checkpoint["matching_heuristics"] = False
-        if self.strict_backbone and trunk is not None:
+        if self.strict_backbone and found is not None:
+            trunk, module = found
             self._check_trunk(checkpoint["model"], trunk)  # shapes first: the more telling message
-            check_arch(self._loading, getattr(self, "_evidence", None), model_arch(self._trunk()[1]),
+            check_arch(self._loading, getattr(self, "_evidence", None), module.weight_arch(),
                        where=f"the model's ResNeSt trunk '{trunk or 'model'}'", override=_OVERRIDE)
         return super()._load_model(checkpoint)
 

@@ -11,7 +11,7 @@ from typing import Optional
 from detectron2.engine import HookBase
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from ..core.dropblock import DropBlockScheduler
+from ..core.dropblock import DropBlockScheduler, check_ramp
 
 __all__ = ["ResNeStDropBlockHook", "build_dropblock_hook"]
 
@@ -33,10 +33,7 @@ class ResNeStDropBlockHook(HookBase):
         value (0 as the official recipes)."""
 
     def __init__(self, drop_prob: Optional[float] = None, ramp_iters: int = 0, start: float = 0.0):
-        if ramp_iters < 0:
-            raise ValueError(f"ResNeStDropBlockHook ramp_iters={ramp_iters} must be >= 0 (0: the whole training)")
-        if drop_prob is not None and not 0.0 <= drop_prob < 1.0:
-            raise ValueError(f"ResNeStDropBlockHook drop_prob={drop_prob} must be in [0, 1)")
+        check_ramp("ResNeStDropBlockHook", drop_prob, ramp_iters)
         self.drop_prob, self.ramp_iters, self.start = drop_prob, int(ramp_iters), float(start)
         self.scheduler: Optional[DropBlockScheduler] = None
 

@@ -184,7 +184,7 @@ class ResNeStSA(ResNeSt, BaseModule):
         refuse a partial or wrong-shape trunk before anything of it is copied; runs before the submodules
         load, so whole-model loads (Runner load_from/resume) get both."""
         keys = [k for k in state_dict if k.startswith(prefix)]
-        own = self.state_dict()
+        own = self.state_dict() if keys else {}  # a load that brings no trunk tensor needs neither step
         if any(k.startswith(prefix + "stem.") or ".gn" in k for k in keys):
             for key in keys:
                 new = _to_ours(key[len(prefix):], own)

@@ -16,7 +16,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..core.dropblock import DropBlockScheduler
+from ..core.dropblock import DropBlockScheduler, check_ramp
 
 HOOK_NAME = "ResNeStDropBlockHook"
 
@@ -37,10 +37,7 @@ class ResNeStDropBlockHook(Hook):
     priority = "NORMAL"
 
     def __init__(self, drop_prob: Optional[float] = None, ramp_iters: int = 0, start: float = 0.0):
-        if ramp_iters < 0:
-            raise ValueError(f"{HOOK_NAME} ramp_iters={ramp_iters} must be >= 0 (0: the whole training)")
-        if drop_prob is not None and not 0.0 <= drop_prob < 1.0:
-            raise ValueError(f"{HOOK_NAME} drop_prob={drop_prob} must be in [0, 1)")
+        check_ramp(HOOK_NAME, drop_prob, ramp_iters)
         self.drop_prob, self.ramp_iters, self.start = drop_prob, int(ramp_iters), float(start)
         self.scheduler: Optional[DropBlockScheduler] = None
 

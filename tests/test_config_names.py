@@ -9,6 +9,9 @@ import pytest
 
 from resnest_backbone.d2 import get_config, get_config_file, list_configs
 
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPLEVEL = sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".yaml"))
 

@@ -10,6 +10,9 @@ from detectron2.utils.events import EventStorage
 from conftest import d2_cfg
 from resnest_backbone.core import SyncBatchNorm
 
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
+
 SMALL = {"MODEL.RESNEST.VARIANT": "resnest14d", "INPUT.MIN_SIZE_TEST": 128, "INPUT.MAX_SIZE_TEST": 192,
          "MODEL.RPN.PRE_NMS_TOPK_TRAIN": 200, "MODEL.RPN.POST_NMS_TOPK_TRAIN": 50,
          "MODEL.RPN.PRE_NMS_TOPK_TEST": 200, "MODEL.RPN.POST_NMS_TOPK_TEST": 50,

@@ -14,6 +14,9 @@ from detectron2.modeling import build_backbone, build_model
 from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 from resnest_backbone.d2.train import Trainer, get_resnest_cfg
 
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128",
         "INPUT.CROP.SIZE", "(64, 64)", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128"]

@@ -7,6 +7,10 @@ import subprocess
 import sys
 
 import cv2
+import pytest
+
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,6 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo_faster_rcnn_resnest.yaml")
 

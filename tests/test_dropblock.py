@@ -233,6 +233,7 @@ def _d2_hooks():
     return hooks
 
 
+@pytest.mark.d2
 def test_d2_hook_follows_trainer_iter():
     d2_hooks = _d2_hooks()
     model = _tiny(0.1)
@@ -262,6 +263,7 @@ def test_d2_hook_follows_trainer_iter():
     assert _values(model2) == pytest.approx([0.1])
 
 
+@pytest.mark.d2
 def test_d2_hook_in_a_detectron2_training_loop():
     d2_hooks = _d2_hooks()
     from detectron2.engine import SimpleTrainer
@@ -294,6 +296,7 @@ def test_d2_hook_in_a_detectron2_training_loop():
     assert model2.seen == pytest.approx([0.08, 0.1])
 
 
+@pytest.mark.d2
 def test_d2_trainer_adds_the_hook(monkeypatch):
     d2_hooks = _d2_hooks()
     from detectron2.engine import DefaultTrainer
@@ -313,6 +316,7 @@ def test_d2_trainer_adds_the_hook(monkeypatch):
     assert hooks[0].drop_prob == 0.1 and hooks[0].ramp_iters == 500
 
 
+@pytest.mark.d2
 def test_d2_trainer_run_and_resume(tmp_path):
     """A real (tiny) detectron2 run of the project's Trainer with DROPBLOCK_PROB 0.1: 4 iterations, then a
     --resume to 8 iterations from the last checkpoint. The value each iteration trains with is recorded."""

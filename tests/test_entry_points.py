@@ -113,6 +113,7 @@ def _cli_cases(path, tmp_path):
     ]
 
 
+@pytest.mark.d2
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_command_line_tool_refuses_crafted_files(crafted, tmp_path, kind):
     path, marker = crafted[kind]
@@ -125,6 +126,7 @@ def test_every_command_line_tool_refuses_crafted_files(crafted, tmp_path, kind):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]  # nothing written
 
 
+@pytest.mark.d2
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_loader_refuses_crafted_files(crafted, tmp_path, kind):
     from detectron2.layers import ShapeSpec

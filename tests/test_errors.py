@@ -228,6 +228,7 @@ def test_load_weights_non_strict_reports_what_did_not_load(files, tmp_path):
     assert torch.equal(model.layer1[0].conv2.fc1.weight, state["layer1.0.conv2.fc1.weight"])  # the rest loaded
 
 
+@pytest.mark.d2
 def test_load_weights_into_detectron2_backbone_from_any_naming(files, tmp_path):
     from resnest_backbone.convert import MMDET
 
@@ -289,6 +290,7 @@ def detector():
     return build_model(cfg)
 
 
+@pytest.mark.d2
 def test_detectron2_checkpointer_loads_every_naming_by_exact_name(files, detector, tmp_path):
     # official .pth (with classifier), our .pkl, mmdet .pth, safetensors: the trunk lands in
     # backbone.bottom_up by exact name (not by suffix heuristics), the classifier is dropped.
@@ -310,6 +312,7 @@ def test_detectron2_checkpointer_loads_every_naming_by_exact_name(files, detecto
         assert torch.equal(trunk.bn1.running_var, original["bn1.running_var"]), path  # FrozenBN stem
 
 
+@pytest.mark.d2
 def test_detectron2_checkpointer_refuses_a_partial_trunk_before_loading(files, detector, tmp_path, caplog):
     from resnest_backbone.d2 import SafeDetectionCheckpointer
 
@@ -337,6 +340,7 @@ def test_detectron2_checkpointer_refuses_a_partial_trunk_before_loading(files, d
                        _state("resnest26d")["layer1.0.conv1.weight"])
 
 
+@pytest.mark.d2
 def test_detectron2_checkpoint_with_other_heads_still_loads(detector, tmp_path):
     # Fine-tuning to another class count: heads differ (skipped, logged by detectron2), trunk complete.
     from resnest_backbone.d2 import SafeDetectionCheckpointer

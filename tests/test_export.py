@@ -102,6 +102,7 @@ def test_export_cli_backbone(tmp_path):
         export.main(["backbone", "--variant", "resnest14d", "--opset", "11", "-o", str(tmp_path / "x.onnx")])
 
 
+@pytest.mark.d2
 @pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
 def test_faster_rcnn_onnx_equals_pytorch(fuse, tmp_path):
     pytest.importorskip("detectron2", reason="detectron2 is not installed")

@@ -11,6 +11,9 @@ from resnest_backbone.convert.cli import main as convert_main
 from resnest_backbone.d2 import SafeDetectionCheckpointer, build_resnest_backbone
 from detectron2.layers import ShapeSpec
 
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
+
 CASES = [
     ("resnest50", official_resnest.resnest50),
     ("resnest101", official_resnest.resnest101),

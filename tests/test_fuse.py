@@ -123,6 +123,7 @@ def test_other_norms(norm):
     assert bool(kept) == (norm == "GN")
 
 
+@pytest.mark.d2
 def test_frozen_trunk_and_detectron2_backbone():
     d2 = pytest.importorskip("resnest_backbone.d2", reason="detectron2 is not installed")
     from resnest_backbone.core import get_variant
@@ -193,6 +194,7 @@ def test_training_form_is_unchanged_by_the_fast_path_edits():
     assert model.layer1[0].conv2.fc1.weight.grad is not None
 
 
+@pytest.mark.d2
 def test_fuse_model_on_faster_rcnn():
     """A whole detectron2 Faster R-CNN ResNeSt-FPN: trunk fused, FPN / head norms folded, channels_last."""
     pytest.importorskip("resnest_backbone.d2", reason="detectron2 is not installed")

@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
+
 pytest.importorskip("detectron2")
 from detectron2.data import DatasetMapper  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402

@@ -15,6 +15,9 @@ import time
 import pytest
 import torch
 
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
+
 pytest.importorskip("detectron2")
 from resnest_backbone import build_resnest  # noqa: E402
 from resnest_backbone.convert import read_checkpoint  # noqa: E402

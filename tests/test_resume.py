@@ -11,9 +11,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import tensors_of
+
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo_faster_rcnn_resnest.yaml")

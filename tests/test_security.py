@@ -111,6 +111,7 @@ def test_hostile_checkpoint_refused_by_converter_cli(hostile, tmp_path, capsys):
     assert not list(tmp_path.glob("out_*"))  # no temporary files either
 
 
+@pytest.mark.d2
 def test_hostile_checkpoint_refused_by_detectron2_checkpointer(hostile, tmp_path):
     from resnest_backbone.d2 import SafeDetectionCheckpointer
 

@@ -17,6 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
+
 TOL = 1e-5
 # A short collective timeout: a process that failed alone would otherwise leave the others waiting 30 minutes.
 TIMEOUT = timedelta(seconds=60)

@@ -16,6 +16,9 @@ from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.modeling import build_model
 from resnest_backbone.d2.train import Trainer, adapt_cfg_to_device, get_resnest_cfg, launch
 
+pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -113,6 +113,7 @@ def test_file_name_contradicting_the_weights_is_refused(tmp_path, capsys):
     assert "file name says resnest101" in err and "resnest50" in err
 
 
+@pytest.mark.d2
 def test_fast_checkpoint_end_to_end(tmp_path):
     """The reviewer's case: an official resnest50_fast_2s1x64d file converted without --variant. It used to
     be written as resnest50 and load strictly into resnest50 with res5 off by 2.5-4.8."""
@@ -172,6 +173,7 @@ def test_openmmlab_loader_checks_the_record(tmp_path):
     assert right.load_report.complete and right.load_report.record["variant"] == "resnest50_fast_2s1x64d"
 
 
+@pytest.mark.d2
 def test_training_checkpoints_record_the_model(tmp_path):
     from detectron2.layers import ShapeSpec
 

@@ -63,13 +63,14 @@ def get_resnest_cfg():
 
 
 def has_fast_coco_eval() -> bool:
-    """True when detectron2's C++ COCO evaluation is built (this project's pure-Python build has a stand-in;
-    an upstream install without the extension has no _C at all)."""
+    """True when detectron2's C++ extension, and with it the fast COCO evaluation, is built. Without it
+    (upstream main, and this project's v0.6 build: tools/env/patch_sdists.py) `import detectron2._C` fails and
+    COCOEvaluator falls back to pycocotools by itself; older builds need use_fast_impl=False."""
     try:
-        from detectron2 import _C
+        from detectron2 import _C  # noqa: F401
     except ImportError:
         return False
-    return not str(getattr(_C, "__file__", "")).endswith(".py")
+    return True
 
 
 def adapt_cfg_to_device(cfg) -> None:

@@ -2,6 +2,7 @@
 
     python patch_sdists.py detectron2 SRC_DIR   # unpacked pb1-detectron2-0.6 (upstream v0.6, no C++ sources)
     python patch_sdists.py mmcv SRC_DIR         # unpacked mmcv-2.1.0
+    python patch_sdists.py key detectron2       # a digest of that package's patches (the wheel cache key)
 
 Each patch is one small function with a comment saying why it is needed. Patching is idempotent: a patch
 that finds its target already changed does nothing, and one that finds neither form fails loudly (the
@@ -12,8 +13,12 @@ import re
 import sys
 
 
-def _replace(path: pathlib.Path, old: str, new: str, *, regex: bool = False) -> None:
+def _replace(path: pathlib.Path, old: str, new: str, *, regex: bool = False, done: str = None) -> None:
+    """Replace `old` by `new` in `path`. Already patched: `done` (default `new`) is in the file and `old` is
+    not, or `done` is given and found (for a replacement that contains `old`, e.g. a guarded import)."""
     text = path.read_text()
+    if done is not None and done in text:
+        return
     patched = re.sub(old, new, text) if regex else text.replace(old, new)
     if patched == text and new not in text:
         sys.exit(f"patch_sdists: expected {old!r} in {path}, found neither it nor its replacement")
@@ -25,7 +30,7 @@ def _replace(path: pathlib.Path, old: str, new: str, *, regex: bool = False) -> 
 # ----------------------------------------------------------------------------------------------------------
 def d2_no_extension(root: pathlib.Path) -> None:
     # The sdist ships setup.py's extension list but not the csrc/ it compiles. Without C++ sources the
-    # build fails, so build a pure-Python package and provide detectron2/_C.py below instead.
+    # build fails, so build a pure-Python package (d2_optional_extension makes it work without _C).
     _replace(root / "setup.py", "ext_modules=get_extensions(),", "ext_modules=[],")
 
 
@@ -55,52 +60,44 @@ def d2_numpy_aliases(root: pathlib.Path) -> None:
             path.write_text(new)
 
 
-_C_STANDIN = '''"""Pure-Python stand-in for detectron2's C++ extension (this build has no C++ sources).
-
-Every op of the real extension is named here and raises NotImplementedError saying which op and what to
-use instead, so an unsupported path fails clearly instead of with an AttributeError deep in a model.
-Nothing on the ResNeSt detection / segmentation path needs these ops (torchvision provides nms and
-roi_align); only rotated boxes, deformable convs and the fast COCO evaluator do.
-"""
-
-_ALTERNATIVES = {
-    "InstanceAnnotation": "COCOEvaluator(..., use_fast_impl=False)",
-    "COCOevalEvaluateImages": "COCOEvaluator(..., use_fast_impl=False)",
-    "COCOevalAccumulate": "COCOEvaluator(..., use_fast_impl=False)",
-}
-
-
-def _missing(name):
-    def op(*args, **kwargs):
-        hint = _ALTERNATIVES.get(name, "a detectron2 build with its C++ extension")
-        raise NotImplementedError(
-            f"detectron2._C.{name} is not available: this detectron2 was installed without its C++ "
-            f"extension (resnest-backbone's pure-Python build). Use {hint}."
-        )
-
-    op.__name__ = name
-    return op
-
-
-for _name in [
-    "InstanceAnnotation", "COCOevalEvaluateImages", "COCOevalAccumulate",
-    "box_iou_rotated", "nms_rotated", "roi_align_rotated_forward", "roi_align_rotated_backward",
-    "deform_conv_forward", "deform_conv_backward_input", "deform_conv_backward_filter",
-    "modulated_deform_conv_forward", "modulated_deform_conv_backward",
-    "get_compiler_version", "get_cuda_version",
-]:
-    globals()[_name] = _missing(_name)
+def d2_optional_extension(root: pathlib.Path) -> None:
+    # Upstream main works without the C++ extension: `import detectron2._C` fails, the environment report says
+    # "detectron2._C not built correctly", COCOEvaluator falls back to pycocotools ("Fast COCO eval is not
+    # built"), and only the ops that need the extension fail, when used. v0.6 imports _C at module level in three
+    # layers modules and in the fast COCO evaluator, so without it nothing imports. Backport main's behaviour:
+    # no detectron2/_C at all, a guarded import in the layers (an op that needs the extension raises ImportError
+    # naming it), and main's fallback in COCOEvaluator.
+    guard = (
+        "try:\n"
+        "    from detectron2 import _C\n"
+        "except ImportError:  # resnest-backbone build: no C++ extension; fail when an op is used (as upstream main)\n"
+        "    class _MissingExtension:\n"
+        "        def __getattr__(self, name):\n"
+        "            raise ImportError(f\"detectron2._C.{name} is not available: this detectron2 was built without \"\n"
+        "                              \"its C++ extension (rotated boxes and deformable convs need it)\")\n"
+        "\n"
+        "    _C = _MissingExtension()\n"
+    )
+    for name in ("rotated_boxes.py", "roi_align_rotated.py", "deform_conv.py"):
+        _replace(root / "detectron2/layers" / name, "from detectron2 import _C\n", guard, done="_MissingExtension")
+    coco = root / "detectron2/evaluation/coco_evaluation.py"
+    _replace(coco, "from detectron2.evaluation.fast_eval_api import COCOeval_opt\n",
+             "try:\n    from detectron2.evaluation.fast_eval_api import COCOeval_opt\n"
+             "except ImportError:\n    COCOeval_opt = COCOeval\n", done="    COCOeval_opt = COCOeval\n")
+    _replace(coco, "        self._use_fast_impl = use_fast_impl\n",
+             "        if use_fast_impl and (COCOeval_opt is COCOeval):\n"
+             "            self._logger.info(\"Fast COCO eval is not built. Falling back to official COCO eval.\")\n"
+             "            use_fast_impl = False\n"
+             "        self._use_fast_impl = use_fast_impl\n")
 
 
-def has_cuda():
-    return False
-'''
-
-
-def d2_python_C(root: pathlib.Path) -> None:
-    # detectron2.layers imports `from detectron2 import _C` at module level; give it a module whose ops
-    # raise a clear NotImplementedError naming the op.
-    (root / "detectron2/_C.py").write_text(_C_STANDIN)
+def d2_optional_caffe2(root: pathlib.Path) -> None:
+    # detectron2.export imports its Caffe2 exporter, and with it caffe2 (no longer part of torch), at import
+    # time, so detectron2.utils.analysis (tools/analyze_model.py: FLOP counting) cannot import. Upstream main
+    # imports the Caffe2 API only when caffe2 is there; do the same.
+    _replace(root / "detectron2/export/__init__.py", "from .api import *\n",
+             "try:\n    from caffe2.proto import caffe2_pb2 as _tmp  # caffe2 is optional (as upstream main)\n"
+             "except ImportError:\n    pass\nelse:\n    from .api import *\n", done="caffe2 is optional")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,11 +109,25 @@ def mmcv_cxx20(root: pathlib.Path) -> None:
 
 
 PATCHES = {
-    "detectron2": [d2_no_extension, d2_ship_model_zoo_configs, d2_pillow_10, d2_numpy_aliases, d2_python_C],
+    "detectron2": [d2_no_extension, d2_ship_model_zoo_configs, d2_pillow_10, d2_numpy_aliases, d2_optional_extension,
+                   d2_optional_caffe2],
     "mmcv": [mmcv_cxx20],
 }
 
+def patch_key(target: str) -> str:
+    """A digest of the code that patches `target`: setup_env.sh keeps built wheels under it, so changing a
+    package's patches rebuilds that package (and only that one)."""
+    import hashlib
+    import inspect
+
+    sources = [inspect.getsource(f) for f in (_replace, *PATCHES[target])]
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:12]
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "key" and sys.argv[2] in PATCHES:
+        print(patch_key(sys.argv[2]))
+        sys.exit(0)
     if len(sys.argv) != 3 or sys.argv[1] not in PATCHES:
         sys.exit(__doc__)
     src = pathlib.Path(sys.argv[2])

@@ -9,6 +9,8 @@ by the config.
     tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
     tools/train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR/last_checkpoint
     tools/train_net.py --config-file configs/demo_faster_rcnn_resnest.yaml   # the generated demo set, CPU
+    tools/train_net.py --config lazy/mask_rcnn_resnest50_fpn.py --num-gpus 8 train.init_checkpoint=X.pkl
+                                                        # a LazyConfig (python config): key=value overrides
 
 Datasets come from $DETECTRON2_DATASETS (default ./datasets) with detectron2's names (coco_2017_train,
 ade20k_sem_seg_val, ...); the demo sets (resnest_demo_*) are generated on first use. Without CUDA the run
@@ -32,11 +34,14 @@ from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from resnest_backbone.convert import CheckpointError  # noqa: E402
 from resnest_backbone.d2.checkpoint import SafeDetectionCheckpointer  # noqa: E402
+from resnest_backbone.d2.lazy import is_lazy_config, lazy_main  # noqa: E402
 from resnest_backbone.d2.model_zoo import get_config_file  # noqa: E402
 from resnest_backbone.d2.train import Trainer, default_argument_parser, launch, setup_cfg  # noqa: E402
 
 
 def main(args):
+    if args.config_file and is_lazy_config(args.config_file):  # a LazyConfig (.py, or its saved config.yaml)
+        return lazy_main(args)
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)

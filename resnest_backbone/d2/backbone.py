@@ -7,7 +7,7 @@
 State-dict keys are the official ResNeSt names under the backbone's prefix (for an FPN model
 `backbone.bottom_up.layer1.0.conv2.fc1.weight`), so converted ImageNet checkpoints load by name.
 """
-from typing import Dict
+from typing import Dict, Optional
 
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
@@ -19,6 +19,7 @@ from .config import add_resnest_config
 _ARCH_KEYS = {"LAYERS": "layers", "RADIX": "radix", "CARDINALITY": "cardinality",
               "BOTTLENECK_WIDTH": "bottleneck_width", "STEM_WIDTH": "stem_width", "DEEP_STEM": "deep_stem",
               "AVG_DOWN": "avg_down", "AVD": "avd", "AVD_FIRST": "avd_first"}
+_SEQUENCE_ARGS = ("layers", "strides", "dilations", "multi_grid", "out_features")
 
 
 def d2_norm(norm):
@@ -28,13 +29,40 @@ def d2_norm(norm):
         return SyncBatchNorm
     if isinstance(norm, str) and norm == "":
         raise ValueError("ResNeSt needs a norm: set MODEL.RESNETS.NORM or MODEL.RESNEST.NORM "
-                         "(BN, SyncBN, FrozenBN, GN, ...)")
+                         "(LazyConfig: ResNeStBackbone's norm) to BN, SyncBN, FrozenBN, GN, ...")
     get_norm(norm, 32)  # fail now, with detectron2's own message, for an unknown name
     return lambda channels: get_norm(norm, channels)
 
 
 class ResNeStBackbone(ResNeSt, Backbone):
-    """The core trunk as a detectron2 Backbone (same modules, hence official key names)."""
+    """The core trunk as a detectron2 Backbone (same modules, hence official key names).
+
+    Buildable from plain values, so it works in LazyConfig (`L(ResNeStBackbone)(...)`) and survives
+    LazyConfig.save / load:
+
+        ResNeStBackbone(variant="resnest50", norm="SyncBN", freeze_at=2, out_features=["res2", ..., "res5"])
+
+    Args:
+        variant: a row of the variant table (resnest50, resnest101, ...); its knobs are the defaults and any
+            core.ResNeSt keyword given here (radix, stem_width, layers, ...) overrides them. None: the core's
+            defaults (a ResNeSt-50 layout) and the given keywords only.
+        norm: a detectron2 norm name ("BN", "SyncBN", "FrozenBN", "GN", ...: detectron2's meaning, "SyncBN"
+            being the core's SyncBatchNorm, which also runs in one process and on CPU process groups) or a
+            callable channels -> module.
+        freeze_at: detectron2's MODEL.BACKBONE.FREEZE_AT: 0 nothing, 1 the stem, k the stem and res2..res{k}
+            (no gradients, FrozenBatchNorm2d).
+        **kwargs: the other core.ResNeSt knobs (out_features, output_stride, dropblock_prob, last_gamma, ...);
+            sequences may be lists or OmegaConf ListConfigs.
+    """
+
+    def __init__(self, variant: Optional[str] = None, *, norm="BN", freeze_at: int = 0, **kwargs):
+        for key in _SEQUENCE_ARGS:  # ListConfig (from instantiate) -> tuple, so the core sees plain values
+            value = kwargs.get(key)
+            if value is not None and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+                kwargs[key] = tuple(value)
+        arch = get_variant(variant).arch() if variant is not None else {}
+        super().__init__(**{**arch, **kwargs}, norm=d2_norm(norm) if isinstance(norm, str) else norm)
+        self.freeze(freeze_at)
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         channels, strides = self.output_channels(), self.output_strides()
@@ -74,8 +102,7 @@ def build_resnest_backbone(cfg, input_shape: ShapeSpec) -> ResNeStBackbone:
     if input_shape.channels != 3:
         raise ValueError(f"ResNeSt takes 3-channel images; the input shape has {input_shape.channels} "
                          "channels (check INPUT.FORMAT / MODEL.PIXEL_MEAN)")
-    backbone = ResNeStBackbone(**resnest_kwargs_from_cfg(cfg))
-    return backbone.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
+    return ResNeStBackbone(**resnest_kwargs_from_cfg(cfg), freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
 def _fpn(cfg, bottom_up, top_block) -> FPN:

@@ -4,11 +4,14 @@ of detectron2.model_zoo).
     from resnest_backbone.d2 import get_config, get_config_file
     get_config_file("faster_rcnn_resnest50_fpn.yaml")   # -> the file's path
     cfg = get_config("faster_rcnn_resnest50_fpn")        # a detectron2 CfgNode with MODEL.RESNEST.* added
+    cfg = get_config("lazy/mask_rcnn_resnest50_fpn")     # a LazyConfig (python config, configs/lazy/)
 
 `tools/train_net.py --config faster_rcnn_resnest50_fpn.yaml` resolves the name the same way. A path that
 exists is used as it is; otherwise the name (with or without `.yaml` / `.py`, with or without a leading
 `configs/`) is looked up among the project's configs: those shipped inside the package by setup.py (a pip
-install), else the checkout's top-level `configs/` folder.
+install), else the checkout's top-level `configs/` folder. yaml configs are at the top, the LazyConfig python
+configs under `lazy/` (same model names: `lazy/faster_rcnn_resnest50_fpn.py`), mmdet / mmseg configs under
+`mmdet/` / `mmseg/`; list_configs() names them all.
 """
 import os
 from typing import List
@@ -54,10 +57,12 @@ def get_config_file(name: str) -> str:
 
 
 def get_config(name: str):
-    """A detectron2 config (get_resnest_cfg() + the yaml) for a project config name or path; a `.py`
-    config is loaded with detectron2's LazyConfig."""
+    """A detectron2 config (get_resnest_cfg() + the yaml) for a project config name or path; a LazyConfig (a
+    `.py` config, or the config.yaml a LazyConfig run saved) is loaded with detectron2's LazyConfig."""
+    from .lazy import is_lazy_config
+
     path = get_config_file(name)
-    if path.endswith(".py"):
+    if is_lazy_config(path):
         from detectron2.config import LazyConfig
 
         return LazyConfig.load(path)

@@ -88,7 +88,7 @@ def d2_optional_extension(root: pathlib.Path) -> None:
              "        if use_fast_impl and (COCOeval_opt is COCOeval):\n"
              "            self._logger.info(\"Fast COCO eval is not built. Falling back to official COCO eval.\")\n"
              "            use_fast_impl = False\n"
-             "        self._use_fast_impl = use_fast_impl\n")
+             "        self._use_fast_impl = use_fast_impl\n", done="Fast COCO eval is not built")
 
 
 def d2_optional_caffe2(root: pathlib.Path) -> None:

@@ -24,28 +24,30 @@ NotImplementedError; this one works.
 resnest_backbone.d2.ResNeStDropBlockHook (detectron2) or resnest_backbone.mm.ResNeStDropBlockHook (mmengine).
 The value given to the constructor is kept in `target_prob`, the value the schedule ramps to by default.
 """
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 
-def _clamped_block(block_size: int, height: int, width: int) -> int:
-    return min(block_size, height, width)
+def _seed_grid(block_size: int, height: int, width: int) -> Tuple[int, int, int]:
+    """(block, rows, cols): block_size clamped to the map, and the rows x cols seed positions whose whole
+    block lies inside a `height` x `width` map."""
+    block = min(block_size, height, width)
+    return block, height - block + 1, width - block + 1
 
 
 def dropblock_gamma(drop_prob: float, block_size: int, height: int, width: int) -> float:
     """Seed probability (paper, eq. 1) for a `height` x `width` map; block_size is clamped to the map."""
-    block = _clamped_block(block_size, height, width)
-    valid = (height - block + 1) * (width - block + 1)
-    return min(1.0, drop_prob * height * width / (block * block * valid))
+    block, rows, cols = _seed_grid(block_size, height, width)
+    return min(1.0, drop_prob * height * width / (block * block * (rows * cols)))
 
 
 def expected_drop_fraction(drop_prob: float, block_size: int, height: int, width: int) -> float:
     """Exact expected fraction of dropped units, overlaps included: unit (r, c) is dropped unless none of
     the n_r * n_c seed positions whose block covers it fired, so P = 1 - (1 - gamma) ** (n_r * n_c)."""
-    block = _clamped_block(block_size, height, width)
+    block = _seed_grid(block_size, height, width)[0]
     gamma = dropblock_gamma(drop_prob, block_size, height, width)
 
     def covering(size: int) -> List[int]:  # per row (column): how many valid seed rows cover it
@@ -71,9 +73,8 @@ class DropBlock2D(nn.Module):
         if not self.training or self.drop_prob <= 0.0:
             return x
         batch, channels, height, width = x.shape
-        block = min(self.block_size, height, width)
-        valid_h, valid_w = height - block + 1, width - block + 1
-        gamma = min(1.0, self.drop_prob * height * width / (block * block * valid_h * valid_w))
+        block, valid_h, valid_w = _seed_grid(self.block_size, height, width)
+        gamma = dropblock_gamma(self.drop_prob, self.block_size, height, width)
         # Seeds only on the positions whose whole block lies inside the map.
         seeds = (torch.rand((batch, channels, valid_h, valid_w), dtype=torch.float32, device=x.device)
                  < gamma).to(torch.float32)
@@ -89,6 +90,11 @@ class DropBlock2D(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}, block_size={self.block_size}"
+
+
+def dropblock_or_identity(drop_prob: float, block_size: int = 3) -> nn.Module:
+    """The DropBlock of a ResNeSt layer (block 3, as the official code), or nn.Identity when drop_prob is 0."""
+    return DropBlock2D(drop_prob, block_size) if drop_prob > 0 else nn.Identity()
 
 
 def check_ramp(owner: str, drop_prob: Optional[float], ramp_iters: int) -> None:

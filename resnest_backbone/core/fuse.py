@@ -8,10 +8,11 @@ What changes (the outputs do not, up to float rounding; tests/test_fuse.py check
   - every BatchNorm / SyncBatchNorm (running statistics) and FrozenBatchNorm (core or detectron2) is folded
     into the conv before it: stem convs, block conv1 / conv3, the split-attention conv (bn0), the attention
     MLP's fc1 (bn1), the shortcut conv. GroupNorm cannot be folded and is kept;
-  - the split-attention rows of fc2 are permuted once to radix-major order, so rSoftMax is a plain softmax
-    over a (batch, radix, channels) view: no transpose, no copy;
-  - the attention is computed with one reshape and tensor ops over the radix dimension (no split / stack /
-    list sum), and the residual add + ReLU run in place; DropBlock (a no-op in inference) is dropped;
+  - the split-attention rows of fc2 are permuted once to radix-major order, so rSoftMax is a softmax over a
+    (batch, radix, channels) view: no regrouping, no copy;
+  - the attention is computed with the core's radix reduction (split_attention.split_sum, fma=True: views
+    and tensor ops over the radix dimension, no split / stack / list sum), and the residual add + ReLU run
+    in place; DropBlock (a no-op in inference) is dropped;
   - channels_last is supported end to end (views only, no `.contiguous()`), which is what oneDNN / cuDNN
     convolutions prefer.
 The converted modules are inference only: folded statistics can no longer update (train() changes nothing).
@@ -25,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .split_attention import SplitAttentionConv2d
-from .trunk import Bottleneck, ResNeSt
+from .split_attention import SplitAttentionConv2d, rsoftmax, split_sum
+from .trunk import STAGE_MODULES, Bottleneck, ResNeSt
 
 __all__ = ["FusedBottleneck", "FusedSplitAttention", "deploy", "fold_conv_norm", "fuse_resnest", "fuse_model",
            "fused_split_sum", "norm_scale_shift"]
@@ -83,33 +84,11 @@ def fold_conv_norm(conv: nn.Conv2d, norm: Optional[nn.Module]) -> Tuple[nn.Conv2
 
 # ------------------------------------------------------------------------------------ fused modules
 def fused_split_sum(x: torch.Tensor, attention: torch.Tensor, radix: int) -> torch.Tensor:
-    """sum_r x[:, r*C:(r+1)*C] * attention[:, r] for a radix-major (B, radix*C, H, W) `x` and `attention`
-    (B, radix, C, 1, 1), over views of `x` (no split / stack / copy), keeping channels_last layouts.
-
-    radix 2: one multiply and one in-place fused multiply-add (addcmul_) into a preallocated output in
-    `x`'s layout: each split is read once and no (B, radix*C, H, W) product is materialised. Other radix:
-    one broadcast multiply and a sum over the radix dimension (in the channels_last memory order when `x`
-    is channels_last: a plain reduction over an inner axis instead of a strided one).
-    (The training-form module keeps the official code's order of operations, bit for bit; this one may
-    round differently, by about 1e-7 relative.)"""
-    batch, height, width = x.size(0), x.size(2), x.size(3)
-    channels = x.size(1) // radix
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    if radix == 2:
-        splits = x.view(batch, 2, channels, height, width)
-        if torch.jit.is_tracing() or x.requires_grad:  # export / autograd: functional ops only
-            return torch.addcmul(splits[:, 0] * attention[:, 0], splits[:, 1], attention[:, 1])
-        # An explicit output: a product of the split views gets odd strides at batch 1 (the batch stride
-        # of a channels_last view is C), which pooling / conv layers then read as NCHW and copy.
-        out = torch.empty([batch, channels, height, width], dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        torch.mul(splits[:, 0], attention[:, 0], out=out)
-        return out.addcmul_(splits[:, 1], attention[:, 1])
-    if channels_last:
-        hwrc = x.permute(0, 2, 3, 1).reshape(batch, height * width, radix, channels)  # a view
-        out = (hwrc * attention.view(batch, 1, radix, channels)).sum(2)
-        return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
-    return (x.view(batch, radix, channels, height, width) * attention).sum(1)
+    """The splits of `x` weighted by `attention` and summed, in the fused form (radix 2: a fused
+    multiply-add into a preallocated output): split_sum(..., fma=True). (The training-form module keeps the
+    official code's order of operations, bit for bit; this one may round differently, by about 1e-7
+    relative.)"""
+    return split_sum(x, radix, attention, fma=True)
 
 
 class FusedSplitAttention(nn.Module):
@@ -129,14 +108,12 @@ class FusedSplitAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm0(self.conv(x)), inplace=True)
-        batch = x.size(0)
         gap = x.mean((2, 3), keepdim=True)
         if self.radix > 1:
-            gap = gap.view(batch, self.radix, self.channels, 1, 1).sum(1)
+            gap = split_sum(gap, self.radix)
         attention = self.fc2(F.relu(self.norm1(self.fc1(gap)), inplace=True))
-        if self.radix > 1:
-            attention = F.softmax(attention.view(batch, self.radix, self.channels, 1, 1), dim=1)
-            return fused_split_sum(x, attention, self.radix)
+        if self.radix > 1:  # fc2's rows are radix-major here: rSoftMax of one group
+            return split_sum(x, self.radix, rsoftmax(attention, self.radix, 1), fma=True)
         if x.requires_grad:
             return x * torch.sigmoid(attention)
         return x.mul_(torch.sigmoid(attention))  # radix 1: a gate, in place on the conv output
@@ -247,7 +224,7 @@ def fuse_resnest(model: ResNeSt, inplace: bool = False, channels_last: bool = Fa
     model.eval()
     with torch.no_grad():
         _fuse_stem(model)
-        for name in ("layer1", "layer2", "layer3", "layer4"):
+        for name in STAGE_MODULES:
             stage = getattr(model, name)
             setattr(model, name, nn.Sequential(*[FusedBottleneck(block) if isinstance(block, Bottleneck)
                                                  else block for block in stage]))

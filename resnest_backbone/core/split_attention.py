@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .dropblock import DropBlock2D
+from .dropblock import dropblock_or_identity
 
 
 def attention_channels(in_channels: int, radix: int, reduction_factor: int = 4) -> int:
@@ -56,7 +56,7 @@ class SplitAttentionConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels, channels * radix, kernel_size, stride, padding, dilation,
                               groups=cardinality * radix, bias=bias)
         self.bn0 = norm_layer(channels * radix) if norm_layer is not None else nn.Identity()
-        self.dropblock = DropBlock2D(dropblock_prob, 3) if dropblock_prob > 0 else nn.Identity()
+        self.dropblock = dropblock_or_identity(dropblock_prob)
         self.relu = nn.ReLU(inplace=True)
         self.fc1 = nn.Conv2d(channels, inter_channels, 1, groups=cardinality)
         self.bn1 = _pooled_norm(norm_layer, inter_channels) if norm_layer is not None else nn.Identity()
@@ -64,13 +64,12 @@ class SplitAttentionConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.dropblock(self.bn0(self.conv(x))))
-        batch = x.size(0)
         # Global context = spatial mean of the sum of the splits, reduced in the official code's order
         # (sum the splits, then adaptive_avg_pool2d). Do not reorder (e.g. pool first, or .mean()): the
         # rounding differences grow through deep nets (ResNeSt-101 with random BN statistics: 0.07 at
         # res5 instead of bit-exact), and tests/test_fidelity.py requires 1e-5 to the official features.
         if self.radix > 1:
-            gap = F.adaptive_avg_pool2d(sum_splits(x, self.radix), 1)
+            gap = F.adaptive_avg_pool2d(split_sum(x, self.radix), 1)
         else:
             gap = F.adaptive_avg_pool2d(x, 1)
         gap = self.fc1(gap)
@@ -80,11 +79,8 @@ class SplitAttentionConv2d(nn.Module):
             gap = attention_norm(self.bn1, gap)
         attention = self.fc2(self.relu(gap))
         if self.radix > 1:
-            # rSoftMax: fc2 output is (cardinality, radix, c); softmax over radix, back to radix-major.
-            attention = attention.view(batch, self.cardinality, self.radix, -1).transpose(1, 2)
-            attention = F.softmax(attention, dim=1).reshape(batch, self.radix, self.channels, 1, 1)
             # Weighted sum of the splits over views of the conv output (no split / stack / copy).
-            return weighted_split_sum(x, attention, self.radix)
+            return split_sum(x, self.radix, rsoftmax(attention, self.radix, self.cardinality))
         return x * torch.sigmoid(attention)
 
     def _attention_norm_scripted(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,45 +115,66 @@ def _synced_across_processes(norm: nn.Module) -> bool:
             and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
 
 
-def sum_splits(x: torch.Tensor, radix: int) -> torch.Tensor:
-    """The sum of the radix splits of a radix-major (B, radix*C, H, W) tensor, added in radix order as the
-    official `sum(torch.split(x, C, 1))` (bit-identical), over a view of `x`. For a channels_last `x` the sum
-    runs over the (B, H*W, radix, C) memory order and gives a channels_last result: the (B, radix, C, H, W)
-    view would be a strided reduction with an NCHW result (2-4x slower forward + backward)."""
-    batch, height, width = x.size(0), x.size(2), x.size(3)
-    channels = x.size(1) // radix
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        hwrc = x.permute(0, 2, 3, 1).reshape(batch, height * width, radix, channels)
-        return hwrc.sum(2).view(batch, height, width, channels).permute(0, 3, 1, 2)
-    return x.view(batch, radix, channels, height, width).sum(1)
+def rsoftmax(attention: torch.Tensor, radix: int, cardinality: int) -> torch.Tensor:
+    """rSoftMax: the split weights (B, radix, C, 1, 1), radix-major, from fc2's output (B, radix*C, 1, 1)
+    whose rows are cardinality-major (k, r, c): a softmax over radix within each cardinal group. The fused
+    path permutes fc2's rows to radix-major once and passes cardinality=1 (the transpose is then a view)."""
+    batch = attention.size(0)
+    attention = attention.view(batch, cardinality, radix, -1).transpose(1, 2)
+    return F.softmax(attention, dim=1).reshape(batch, radix, -1, 1, 1)
 
 
-def weighted_split_sum(x: torch.Tensor, attention: torch.Tensor, radix: int) -> torch.Tensor:
-    """sum_r x[:, r*C:(r+1)*C] * attention[:, r]: the splits of a radix-major (B, radix*C, H, W) tensor
-    weighted by `attention` (B, radix, C, 1, 1) and summed, over views of `x` (no split / stack / copy);
-    channels_last inputs give channels_last outputs.
+def split_sum(x: torch.Tensor, radix: int, attention: Optional[torch.Tensor] = None,
+              fma: bool = False) -> torch.Tensor:
+    """The radix reduction: sum_r x[:, r*C:(r+1)*C] (* attention[:, r]) for a radix-major (B, radix*C, H, W)
+    `x` and, if given, split weights `attention` (B, radix, C, 1, 1), over views of `x` (no split / stack /
+    copy). channels_last inputs give channels_last outputs: the reduction runs over the (B, H*W, radix, C)
+    memory order (the (B, radix, C, H, W) view would be a strided reduction with an NCHW result, 2-4x slower
+    forward + backward).
 
-    Bit-identical to the official `sum([att * split for ...])`: each product is rounded on its own and the
-    products are added in radix order (no fused multiply-add, which rounds differently and which deep nets
-    amplify past the 1e-5 fidelity bound of tests/test_fidelity.py). Two forms of the same arithmetic:
+    Default (the training form, SplitAttentionConv2d): bit-identical to the official `sum(torch.split(x, C, 1))`
+    and `sum([att * split for ...])`: each product is rounded on its own and the splits are added in radix
+    order (no fused multiply-add, which rounds differently and which deep nets amplify past the 1e-5 fidelity
+    bound of tests/test_fidelity.py). Two forms of the same arithmetic for the weighted sum:
       - with autograd: one broadcast multiply over a (B, radix, C, H, W) view and a sum over radix. Its
         backward is one multiply per input, where per-split products (`x[:, r] * a[:, r]`) would make
         autograd fill a zero (B, radix*C, H, W) gradient per split and add them up: 2x slower backward;
       - without (eval, no_grad): radix-2 products of the two split views and one add: no
         (B, radix*C, H, W) temporary.
+    fma=True (the fused inference path, core/fuse.py), radix 2: one multiply and one in-place fused
+    multiply-add (addcmul_) into a preallocated output in `x`'s layout: each split is read once and no
+    (B, radix*C, H, W) product is materialised; it may round differently, by about 1e-7 relative.
     """
     batch, height, width = x.size(0), x.size(2), x.size(3)
     channels = x.size(1) // radix
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        # channels_last memory is (B, H, W, radix, C): reduce over radix in that layout, return a
-        # channels_last (B, C, H, W) view.
-        hwrc = x.permute(0, 2, 3, 1).reshape(batch, height * width, radix, channels)
-        out = (hwrc * attention.view(batch, 1, radix, channels)).sum(2)
-        return out.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if attention is not None and fma and radix == 2:
+        splits = x.view(batch, 2, channels, height, width)
+        if torch.jit.is_tracing() or x.requires_grad:  # export / autograd: functional ops only
+            return torch.addcmul(splits[:, 0] * attention[:, 0], splits[:, 1], attention[:, 1])
+        # An explicit output: a product of the split views gets odd strides at batch 1 (the batch stride
+        # of a channels_last view is C), which pooling / conv layers then read as NCHW and copy.
+        out = torch.empty([batch, channels, height, width], dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.mul(splits[:, 0], attention[:, 0], out=out)
+        return out.addcmul_(splits[:, 1], attention[:, 1])
+    if channels_last:
+        hwrc = x.permute(0, 2, 3, 1).reshape(batch, height * width, radix, channels)  # a view
+        if attention is not None:
+            hwrc = hwrc * attention.view(batch, 1, radix, channels)
+        return hwrc.sum(2).view(batch, height, width, channels).permute(0, 3, 1, 2)
     splits = x.view(batch, radix, channels, height, width)
-    if radix == 2 and not (x.requires_grad or attention.requires_grad):
-        return splits[:, 0] * attention[:, 0] + splits[:, 1] * attention[:, 1]
-    return (splits * attention).sum(1)
+    if attention is None:
+        return splits.sum(1)
+    else:
+        if radix == 2 and not (x.requires_grad or attention.requires_grad):
+            return splits[:, 0] * attention[:, 0] + splits[:, 1] * attention[:, 1]
+        return (splits * attention).sum(1)
+
+
+def weighted_split_sum(x: torch.Tensor, attention: torch.Tensor, radix: int) -> torch.Tensor:
+    """The splits of `x` weighted by `attention` and summed, in the training form: split_sum."""
+    return split_sum(x, radix, attention)
 
 
 def _pooled_norm(norm_layer: Callable[[int], nn.Module], channels: int) -> nn.Module:

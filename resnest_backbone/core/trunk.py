@@ -10,13 +10,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .dropblock import DropBlock2D
+from .dropblock import dropblock_or_identity
 from .norm import FrozenBatchNorm2d, NormSpec, make_norm
-from .split_attention import SplitAttentionConv2d
+from .split_attention import SplitAttentionConv2d, attention_channels
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
+STAGE_MODULES = ("layer1", "layer2", "layer3", "layer4")  # the stages' attribute (official key) names
 STAGE_PLANES = (64, 128, 256, 512)
 EXPANSION = 4
+STEM_STRIDE = 4  # the stem's conv (stride 2) and max pool (stride 2)
+# What freeze(at) freezes, in order: at=1 the stem, at=k the stem and res2..res{k} (detectron2's FREEZE_AT,
+# mmdet's frozen_stages + 1). Attribute names, so the frozen norms can be swapped in by name.
+FREEZABLE_PARTS = (("conv1", "bn1"),) + tuple((name,) for name in STAGE_MODULES)
 # The knobs a trunk's weights are for (output stride, norm type, DropBlock are not: an ImageNet trunk
 # loads into a dilated or FrozenBN trunk unchanged). avd and avd_first cannot be seen in the tensors.
 WEIGHT_ARCH_KEYS = ("layers", "stem_width", "radix", "cardinality", "bottleneck_width", "deep_stem", "avg_down",
@@ -28,6 +33,17 @@ OUTPUT_STRIDES = {
     16: ((1, 2, 2, 1), (1, 1, 1, 2)),
     8: ((1, 2, 1, 1), (1, 1, 2, 4)),
 }
+
+
+def group_width(planes: int, bottleneck_width: int, cardinality: int) -> int:
+    """Channels of a bottleneck's 3x3 (split-attention) conv: `bottleneck_width` per cardinal group for
+    planes=64, scaled with planes, times the cardinality (official formula, truncation included)."""
+    return int(planes * (bottleneck_width / 64.0)) * cardinality
+
+
+def stem_out_channels(deep_stem: bool, stem_width: int) -> int:
+    """Output channels of the stem: 2 * stem_width for the deep stem, 64 for the 7x7 conv."""
+    return stem_width * 2 if deep_stem else 64
 
 
 class Bottleneck(nn.Module):
@@ -44,8 +60,8 @@ class Bottleneck(nn.Module):
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, dropblock_prob: float = 0.0,
                  last_gamma: bool = False, reduction_factor: int = 4):
         super().__init__()
-        group_width = int(planes * (bottleneck_width / 64.0)) * cardinality
-        if group_width < 1:
+        width = group_width(planes, bottleneck_width, cardinality)
+        if width < 1:
             raise ValueError(f"bottleneck_width={bottleneck_width} gives an empty bottleneck")
         self.radix = radix
         self.avd = avd
@@ -53,9 +69,9 @@ class Bottleneck(nn.Module):
         self.stride = stride
         self.out_channels = planes * EXPANSION
 
-        self.conv1 = nn.Conv2d(in_channels, group_width, 1, bias=False)
-        self.bn1 = norm_layer(group_width)
-        self.dropblock1 = _dropblock(dropblock_prob)
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.dropblock1 = dropblock_or_identity(dropblock_prob)
         self.relu = nn.ReLU(inplace=True)
         # With avd the 3x3 conv keeps stride 1 and an AvgPool2d(3, stride) does the downsampling. The
         # official code also adds the pool to the first block of a dilated (stride-1) stage: a 3x3 blur.
@@ -63,19 +79,19 @@ class Bottleneck(nn.Module):
         conv_stride = 1 if avd else stride
         if radix >= 1:
             self.conv2 = SplitAttentionConv2d(
-                group_width, group_width, 3, conv_stride, padding=dilation, dilation=dilation,
+                width, width, 3, conv_stride, padding=dilation, dilation=dilation,
                 cardinality=cardinality, radix=radix, reduction_factor=reduction_factor,
                 norm_layer=norm_layer, dropblock_prob=dropblock_prob)
             self.bn2 = None
             self.dropblock2 = None
         else:  # radix 0: a plain grouped 3x3 conv (ResNeXt block)
-            self.conv2 = nn.Conv2d(group_width, group_width, 3, conv_stride, padding=dilation,
+            self.conv2 = nn.Conv2d(width, width, 3, conv_stride, padding=dilation,
                                    dilation=dilation, groups=cardinality, bias=False)
-            self.bn2 = norm_layer(group_width)
-            self.dropblock2 = _dropblock(dropblock_prob)
-        self.conv3 = nn.Conv2d(group_width, planes * EXPANSION, 1, bias=False)
-        self.bn3 = norm_layer(planes * EXPANSION)
-        self.dropblock3 = _dropblock(dropblock_prob)
+            self.bn2 = norm_layer(width)
+            self.dropblock2 = dropblock_or_identity(dropblock_prob)
+        self.conv3 = nn.Conv2d(width, self.out_channels, 1, bias=False)
+        self.bn3 = norm_layer(self.out_channels)
+        self.dropblock3 = dropblock_or_identity(dropblock_prob)
         if last_gamma and getattr(self.bn3, "weight", None) is not None:
             nn.init.zeros_(self.bn3.weight)  # each block starts as identity: helps very deep nets train
         self.downsample = downsample
@@ -95,10 +111,6 @@ class Bottleneck(nn.Module):
         # needed by any backward).
         out += shortcut
         return self.relu(out)
-
-
-def _dropblock(prob: float) -> nn.Module:
-    return DropBlock2D(prob, 3) if prob > 0 else nn.Identity()
 
 
 class ResNeSt(nn.Module):
@@ -144,23 +156,22 @@ class ResNeSt(nn.Module):
                          multi_grid=tuple(multi_grid) if multi_grid else None)
 
         # Stem. Official names: conv1 (a Sequential for the deep stem), bn1 for the last norm.
+        stem_channels = stem_out_channels(deep_stem, stem_width)
         if deep_stem:
             self.conv1 = nn.Sequential(
                 nn.Conv2d(3, stem_width, 3, 2, 1, bias=False), norm_layer(stem_width), nn.ReLU(inplace=True),
                 nn.Conv2d(stem_width, stem_width, 3, 1, 1, bias=False), norm_layer(stem_width),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(stem_width, stem_width * 2, 3, 1, 1, bias=False))
-            stem_channels = stem_width * 2
+                nn.Conv2d(stem_width, stem_channels, 3, 1, 1, bias=False))
         else:
-            stem_channels = 64
             self.conv1 = nn.Conv2d(3, stem_channels, 7, 2, 3, bias=False)
         self.bn1 = norm_layer(stem_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
 
         self._out_channels: Dict[str, int] = {"stem": stem_channels}
-        self._out_strides: Dict[str, int] = {"stem": 4}
-        in_channels, total_stride = stem_channels, 4
+        self._out_strides: Dict[str, int] = {"stem": STEM_STRIDE}
+        in_channels, total_stride = stem_channels, STEM_STRIDE
         for index, (blocks, planes, stride, dilation) in enumerate(zip(layers, STAGE_PLANES, strides,
                                                                        dilations)):
             is_last = index == len(layers) - 1
@@ -171,7 +182,7 @@ class ResNeSt(nn.Module):
                 bottleneck_width=bottleneck_width, avg_down=avg_down, avd=avd, avd_first=avd_first,
                 norm_layer=norm_layer, dropblock_prob=dropblock_prob if index >= 2 else 0.0,
                 last_gamma=last_gamma, reduction_factor=reduction_factor)
-            self.add_module(f"layer{index + 1}", stage)
+            self.add_module(STAGE_MODULES[index], stage)
             in_channels = planes * EXPANSION
             total_stride *= stride
             self._out_channels[STAGE_NAMES[index]] = in_channels
@@ -188,16 +199,15 @@ class ResNeSt(nn.Module):
     def _make_stage(in_channels, planes, blocks, stride, dilation, first_stage, contract_dilation,
                     multi_grid, avg_down, norm_layer, **block_kwargs) -> nn.Sequential:
         downsample = None
-        if stride != 1 or in_channels != planes * EXPANSION:
+        out_channels = planes * EXPANSION
+        if stride != 1 or in_channels != out_channels:
             if avg_down:  # official: AvgPool (identity when stride 1) + 1x1 conv; key names downsample.1/.2
                 downsample = nn.Sequential(
                     nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False),
-                    nn.Conv2d(in_channels, planes * EXPANSION, 1, bias=False),
-                    norm_layer(planes * EXPANSION))
+                    nn.Conv2d(in_channels, out_channels, 1, bias=False), norm_layer(out_channels))
             else:
                 downsample = nn.Sequential(
-                    nn.Conv2d(in_channels, planes * EXPANSION, 1, stride, bias=False),
-                    norm_layer(planes * EXPANSION))
+                    nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), norm_layer(out_channels))
         avd = block_kwargs.pop("avd")
         blocks_list = []
         for i in range(blocks):
@@ -210,7 +220,7 @@ class ResNeSt(nn.Module):
             # Official: avd in any strided block and in the first block of every stage but the first.
             first_block = i == 0
             blocks_list.append(Bottleneck(
-                in_channels if first_block else planes * EXPANSION, planes,
+                in_channels if first_block else out_channels, planes,
                 stride=stride if first_block else 1, dilation=block_dilation,
                 downsample=downsample if first_block else None,
                 avd=avd and first_block and (stride > 1 or not first_stage),
@@ -292,12 +302,12 @@ class ResNeSt(nn.Module):
         computed map is 1x1 (e.g. a 32x32 image), torch fails inside a block with a bare "Expected more
         than 1 value per channel"; say why and what to change instead."""
         last = self._last_stage_needed()
-        stride = self._out_strides[STAGE_NAMES[last]] if last >= 0 else 4
+        stride = self._out_strides[STAGE_NAMES[last]] if last >= 0 else STEM_STRIDE
         cells = -(-x.size(2) // stride) * -(-x.size(3) // stride)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return  # SyncBN may see the other processes' images; let it decide
         training_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-                          for m in (self.layer1, self.layer2, self.layer3, self.layer4)[max(last, 0)].modules())
+                          for m in getattr(self, STAGE_MODULES[max(last, 0)]).modules())
         if cells <= 1 and training_bn:
             raise ValueError(
                 f"a batch of one {x.size(2)}x{x.size(3)} image leaves a 1x1 map at stride {stride}, where "
@@ -333,20 +343,21 @@ class ResNeSt(nn.Module):
         """
         if not 0 <= at <= 5:
             raise ValueError(f"freeze at={at} must be in 0..5 (0 nothing, 1 stem, 2..5 up to res2..res5)")
-        parts: List[List[nn.Module]] = [[self.conv1, self.bn1], [self.layer1], [self.layer2],
-                                        [self.layer3], [self.layer4]]
-        for modules in parts[:at]:
-            for module in modules:
-                for p in module.parameters():
-                    p.requires_grad_(False)
+        for module in self.frozen_modules(at):
+            for p in module.parameters():
+                p.requires_grad_(False)
         # Replace norms with frozen copies (attribute swap, so state_dict keys stay the same).
-        if at >= 1:
-            self.bn1 = frozen_bn(self.bn1)
-            self.conv1 = frozen_bn(self.conv1)
-        for index in range(1, at):
-            name = f"layer{index}"
+        for name in _frozen_names(at):
             setattr(self, name, frozen_bn(getattr(self, name)))
         return self
+
+    def frozen_modules(self, at: int) -> List[nn.Module]:
+        """The modules freeze(at) freezes (FREEZABLE_PARTS[:at]): the stem's and res2..res{at}'s."""
+        return [getattr(self, name) for name in _frozen_names(at)]
+
+
+def _frozen_names(at: int) -> List[str]:
+    return [name for part in FREEZABLE_PARTS[:at] for name in part]
 
 
 def arch_differences(recorded: Dict[str, object], model: Dict[str, object],
@@ -412,7 +423,7 @@ def _check_config(layers, radix, cardinality, bottleneck_width, stem_width, outp
             bad(f"dilations={dilations!r} must be four integers >= 1 (res2..res5)")
         strides = tuple(strides) if strides is not None else default_strides
         dilations = tuple(dilations) if dilations is not None else default_dilations
-        total = 4
+        total = STEM_STRIDE
         for s in strides:
             total *= s
         if output_stride != 32 and output_stride != total:
@@ -422,17 +433,17 @@ def _check_config(layers, radix, cardinality, bottleneck_width, stem_width, outp
                                    or any(g < 1 for g in multi_grid)):
         bad(f"multi_grid={multi_grid!r} must be a non-empty list of integers >= 1")
     for stage, planes in zip(STAGE_NAMES, STAGE_PLANES):
-        group_width = int(planes * (bottleneck_width / 64.0)) * cardinality
-        if group_width < 1:
+        width = group_width(planes, bottleneck_width, cardinality)
+        if width < 1:
             bad(f"{stage}: bottleneck_width={bottleneck_width} gives no bottleneck channels")
-        if radix >= 1 and group_width % (cardinality * radix):
-            bad(f"{stage}: bottleneck channels {group_width} (planes {planes} x width {bottleneck_width}/64 "
+        if radix >= 1 and width % (cardinality * radix):
+            bad(f"{stage}: bottleneck channels {width} (planes {planes} x width {bottleneck_width}/64 "
                 f"x cardinality {cardinality}) are not divisible by cardinality*radix={cardinality * radix}: "
                 f"change radix={radix}, cardinality={cardinality} or bottleneck_width={bottleneck_width}")
         if radix >= 1:
-            inter = max(group_width * radix // reduction_factor, 32)
+            inter = attention_channels(width, radix, reduction_factor)
             if inter % cardinality:
-                bad(f"{stage}: the split-attention width {inter} (max(channels {group_width} x radix {radix} "
+                bad(f"{stage}: the split-attention width {inter} (max(channels {width} x radix {radix} "
                     f"// reduction_factor {reduction_factor}, 32)) is not divisible by "
                     f"cardinality={cardinality}")
     if isinstance(out_features, str):

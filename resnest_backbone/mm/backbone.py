@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..convert.io import CheckpointError, open_checkpoint
 from ..convert.load import LoadReport, compare_with_model, detected_variants, match_trunk, mismatch_error
 from ..convert.naming import MMDET
-from ..core import STAGE_NAMES, ResNeSt, SyncBatchNorm, get_variant
+from ..core import STAGE_NAMES, ResNeSt, SyncBatchNorm, get_variant, stem_out_channels
 
 # mmcv names a GroupNorm `gn{postfix}` where BN is `bn{postfix}`: mmdet/mmseg GN checkpoints of ResNeSt
 # carry layerN.j.gn1 / .gn3 / .conv2.gn0 / .conv2.gn1 where our (official) names are bn*.
@@ -134,7 +134,7 @@ class ResNeStSA(ResNeSt, BaseModule):
                          avd_first=avd_first, layers=tuple(layers) if layers is not None else None)
         arch.update({k: v for k, v in overrides.items() if v is not None})
         if stem_channels is not None:
-            expected = 2 * arch["stem_width"] if arch["deep_stem"] else 64
+            expected = stem_out_channels(arch["deep_stem"], arch["stem_width"])
             if stem_channels != expected:
                 raise ValueError(f"ResNeStSA: stem_channels={stem_channels} but {variant} has a stem of "
                                  f"{expected} channels (2 x stem_width={arch['stem_width']}); set stem_width "
@@ -160,8 +160,7 @@ class ResNeStSA(ResNeSt, BaseModule):
         return tuple(features[name] for name in self.out_features)
 
     def _frozen_modules(self) -> List[nn.Module]:
-        parts = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
-        return [m for part in parts[:self.frozen_stages + 1] for m in part]
+        return self.frozen_modules(self.frozen_stages + 1)
 
     def train(self, mode: bool = True) -> "ResNeStSA":
         super().train(mode)

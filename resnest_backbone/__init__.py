@@ -1,7 +1,18 @@
 """resnest-backbone: ResNeSt (split-attention networks) for detectron2 and mmdetection/mmsegmentation.
 
-    import resnest_backbone            # registers the detectron2 / OpenMMLab backbones if those import
+The package itself is the framework-free core (pure PyTorch; importing it registers nothing anywhere):
+
+    import resnest_backbone
     trunk = resnest_backbone.build_resnest("resnest50")
+
+Each framework adapter registers itself when it is imported, and only then:
+
+    import resnest_backbone.d2   # detectron2: the backbones (BACKBONE_REGISTRY) and the demo datasets
+    import resnest_backbone.mm   # mmdet / mmseg: ResNeStSA in MODELS, the hooks, mmengine's checkpoint loader
+                                 # (configs: custom_imports = dict(imports=['resnest_backbone.mm']))
+
+Subpackages: core/ (the network), convert/ (weight files), data/ (demo data and dataset layout,
+framework-free), d2/ and mm/ (the adapters).
 """
 from .core import (ALIASES, VARIANTS, DropBlockScheduler, ResNeSt, SplitAttentionConv2d, build_resnest,
                    get_variant)
@@ -9,25 +20,3 @@ from .core import (ALIASES, VARIANTS, DropBlockScheduler, ResNeSt, SplitAttentio
 __version__ = "0.1.0"
 __all__ = ["ALIASES", "VARIANTS", "DropBlockScheduler", "ResNeSt", "SplitAttentionConv2d", "build_resnest",
            "get_variant"]
-
-
-def _register_adapters() -> None:
-    # Each framework is optional: register into it only when it is installed.
-    import importlib.util
-
-    import warnings
-
-    if importlib.util.find_spec("detectron2") is not None:
-        with warnings.catch_warnings():  # detectron2 0.6 + torch 2.x: torch.jit.script deprecation noise
-            warnings.simplefilter("ignore", FutureWarning)
-            from . import d2  # noqa: F401  (registers BACKBONE_REGISTRY entries)
-    if importlib.util.find_spec("mmdet") is not None or importlib.util.find_spec("mmseg") is not None:
-        try:
-            from . import mm  # noqa: F401  (registers into mmdet/mmseg MODELS)
-        except ImportError as exc:  # e.g. mmcv without compiled ops: detectron2 half still works
-            import logging
-
-            logging.getLogger(__name__).warning("resnest_backbone: OpenMMLab adapter not registered: %s", exc)
-
-
-_register_adapters()

@@ -60,8 +60,7 @@ def d2_cfg(config="configs/faster_rcnn_resnest50_fpn.yaml", **overrides):
     """A detectron2 config with MODEL.RESNEST, merged from a project config, on CPU."""
     from detectron2.config import get_cfg
 
-    import resnest_backbone  # noqa: F401  (registers the builders)
-    from resnest_backbone.d2 import add_resnest_config
+    from resnest_backbone.d2 import add_resnest_config  # importing resnest_backbone.d2 registers the builders
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = get_cfg()

@@ -8,8 +8,7 @@ import os
 import pytest
 import torch
 
-import resnest_backbone  # noqa: F401  (registers the backbones and heads)
-import resnest_backbone.data  # noqa: F401  (registers the demo sets)
+import resnest_backbone.d2  # noqa: F401  (registers the backbones and heads, and the demo sets)
 from detectron2.modeling import build_backbone, build_model
 from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
 from resnest_backbone.d2.train import Trainer, get_resnest_cfg

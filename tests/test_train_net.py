@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import resnest_backbone  # noqa: F401
-import resnest_backbone.data  # noqa: F401
+import resnest_backbone.d2  # noqa: F401  (registers the backbones and the demo sets)
 from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.modeling import build_model
 from resnest_backbone.d2.train import Trainer, adapt_cfg_to_device, get_resnest_cfg, launch
@@ -67,8 +66,8 @@ def test_cpu_launch_single_process_runs_in_place():
 MISSING = textwrap.dedent("""
     import os, sys
     import numpy as np, cv2
-    import resnest_backbone, resnest_backbone.data
-    from resnest_backbone.data import DatasetMissingError, check_datasets, prepare_ade20k
+    from resnest_backbone.d2 import DatasetMissingError, check_datasets
+    from resnest_backbone.data import prepare_ade20k
     root = os.environ["DETECTRON2_DATASETS"]
     for name in ["coco_2017_val", "ade20k_sem_seg_val"]:
         try:

@@ -154,9 +154,9 @@ def main(argv=None) -> dict:
     start = time.time()
     import torch
 
-    import resnest_backbone  # noqa: F401  (registers the ResNeSt backbones)
-    from resnest_backbone.data import ensure_demo_data, register_demo_subset
+    from resnest_backbone.d2 import register_demo_subset  # registers the ResNeSt backbones and the demo sets
     from resnest_backbone.d2.train import Trainer, setup_cfg
+    from resnest_backbone.data import ensure_demo_data
 
     print("[demo] generating / reusing the demo data ...", flush=True)
     t = time.time()

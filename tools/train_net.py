@@ -28,8 +28,7 @@ warnings.filterwarnings("ignore", message=r"torch\.meshgrid")
 warnings.filterwarnings("ignore", category=FutureWarning)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-import resnest_backbone  # noqa: E402,F401  (registers the ResNeSt backbones)
-import resnest_backbone.data  # noqa: E402,F401  (registers the demo datasets)
+import resnest_backbone.d2  # noqa: E402,F401  (registers the ResNeSt backbones and the demo datasets)
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from resnest_backbone.convert import CheckpointError  # noqa: E402

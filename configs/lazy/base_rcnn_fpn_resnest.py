@@ -8,7 +8,6 @@ import torch
 from omegaconf import OmegaConf
 
 import detectron2.data.transforms as T
-import resnest_backbone.data  # noqa: F401  (registers the demo datasets resnest_demo_det_*)
 from detectron2.config import LazyCall as L
 from detectron2.data import (DatasetMapper, build_detection_test_loader, build_detection_train_loader,
                              get_detection_dataset_dicts)
@@ -25,7 +24,7 @@ from detectron2.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLaye
 from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
-from resnest_backbone.d2 import ResNeStBackbone  # registers the ResNeSt backbones too
+from resnest_backbone.d2 import ResNeStBackbone  # registers the ResNeSt backbones and the demo datasets too
 from resnest_backbone.d2.train import has_fast_coco_eval
 
 model = L(GeneralizedRCNN)(

@@ -138,7 +138,7 @@ def lazy_dataset_names(cfg, train: bool = True) -> List[str]:
 def setup_lazy_cfg(args, default_setup_fn=resnest_default_setup):
     """args.config_file + args.opts, adapted to the device, detectron2's default_setup (logging, the config
     saved to train.output_dir/config.yaml, seeds), the datasets checked (demo sets generated)."""
-    from ..data import check_datasets
+    from .datasets import check_datasets
 
     cfg = load_lazy_config(args.config_file, args.opts)
     adapt_lazy_cfg_to_device(cfg)

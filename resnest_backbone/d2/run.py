@@ -10,7 +10,7 @@ A project registers the plugin with three lines (README, "Using it from a detect
 resnest_backbone.d2, add_resnest_config(cfg), MODEL.BACKBONE.NAME. A tool you do not edit builds its config
 with `get_cfg()`, so before running TOOL as `__main__` this:
 
-- imports resnest_backbone.d2 (the backbones) and registers the generated demo datasets (resnest_demo_*);
+- imports resnest_backbone.d2, which registers the backbones and the generated demo datasets (resnest_demo_*);
 - adds MODEL.RESNEST.* to detectron2's *default* config, so that the tool's get_cfg() knows the keys (only in
   this process: detectron2 itself is not changed);
 - resolves `--config-file NAME` (or `--config NAME`) to a project config by name when NAME is not a file.
@@ -29,8 +29,7 @@ def register_plugin() -> None:
     from detectron2.config import get_cfg
     from detectron2.config.defaults import _C as defaults
 
-    import resnest_backbone.d2  # noqa: F401  (registers the backbones)
-    import resnest_backbone.data  # noqa: F401  (registers the demo datasets)
+    import resnest_backbone.d2  # noqa: F401  (registers the backbones and the demo datasets)
     from resnest_backbone.d2.config import add_resnest_config
 
     if "RESNEST" not in get_cfg().MODEL:

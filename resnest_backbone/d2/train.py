@@ -231,7 +231,7 @@ def resnest_default_setup(cfg, args) -> None:
 
 def setup_cfg(args, default_setup_fn=resnest_default_setup):
     """Config from args.config_file + args.opts, adapted to the device, datasets checked, frozen."""
-    from ..data import check_datasets
+    from .datasets import check_datasets
 
     cfg = get_resnest_cfg()
     if args.config_file:

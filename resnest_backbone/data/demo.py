@@ -9,9 +9,10 @@ and reused while their parameters match:
   ``annotations/...`` (ADE convention: 0 = "other", classes from 1) and ``annotations_detectron2/...``
   (detectron2's convention: classes from 0, 255 = ignore).
 
-Registered in detectron2 as ``resnest_demo_det_{train,val}`` (COCO evaluator) and
-``resnest_demo_seg_{train,val}`` (sem-seg evaluator), plus ``resnest_demo_det_val_mini`` (16 images) and
-``resnest_demo_seg_val_mini`` (8 images) for quick checks.
+Framework-free: ``demo_paths`` names each set's files; resnest_backbone.d2.datasets registers them in
+detectron2 as ``resnest_demo_det_{train,val}`` (COCO evaluator) and ``resnest_demo_seg_{train,val}`` (sem-seg
+evaluator), plus ``resnest_demo_det_val_mini`` (16 images) and ``resnest_demo_seg_val_mini`` (8 images) for
+quick checks; the mmdet/mmseg demo configs read the same folders.
 """
 import json
 import os
@@ -20,6 +21,8 @@ import tempfile
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from .layout import ade_to_detectron2, datasets_root
 
 DET_CLASSES = ["circle", "square", "triangle"]
 SEG_CLASSES = ["background"] + DET_CLASSES
@@ -34,7 +37,7 @@ _SPLIT_DIRS = {"train": "training", "val": "validation"}
 
 
 def demo_root(root: Optional[str] = None) -> str:
-    return os.path.join(root or os.getenv("DETECTRON2_DATASETS", "datasets"), "resnest_demo")
+    return os.path.join(root or datasets_root(), "resnest_demo")
 
 
 # ------------------------------------------------------------------------------------------------ drawing
@@ -160,14 +163,6 @@ def _write_seg(folder: str, spec: dict) -> None:
             cv2.imwrite(os.path.join(dirs["annotations_detectron2"], stem + ".png"), ade_to_detectron2(ade))
 
 
-def ade_to_detectron2(labels: np.ndarray) -> np.ndarray:
-    """ADE20K label map (0 = other, 1..K) -> detectron2's (0..K-1, 255 = ignore), as detectron2's
-    datasets/prepare_ade20k_sem_seg.py does."""
-    out = labels.astype(np.int32) - 1
-    out[out < 0] = 255
-    return out.astype(np.uint8)
-
-
 def ensure_demo_data(root: Optional[str] = None, spec: Optional[dict] = None) -> str:
     """Generate the demo sets under demo_root(root) unless a set with the same parameters is there.
     Written to a temporary folder and renamed into place, so a killed run never leaves half a set."""
@@ -198,8 +193,9 @@ def ensure_demo_data(root: Optional[str] = None, spec: Optional[dict] = None) ->
     return folder
 
 
-# ------------------------------------------------------------------------------------------------ registry
+# ------------------------------------------------------------------------------------------------ paths
 def demo_paths(root: Optional[str] = None) -> Dict[str, Dict[str, str]]:
+    """The files of each demo set, by the set's dataset name (resnest_demo_{det,seg}_{train,val})."""
     folder = demo_root(root)
     det, seg = os.path.join(folder, "det"), os.path.join(folder, "ADEChallengeData2016")
     paths = {}
@@ -211,53 +207,3 @@ def demo_paths(root: Optional[str] = None) -> Dict[str, Dict[str, str]]:
             "image_root": os.path.join(seg, "images", _SPLIT_DIRS[split]),
             "sem_seg_root": os.path.join(seg, "annotations_detectron2", _SPLIT_DIRS[split])}
     return paths
-
-
-def register_demo_datasets(root: Optional[str] = None) -> List[str]:
-    """Register the demo sets (lazily: the data is generated when a set is first loaded). Idempotent."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import load_coco_json, load_sem_seg
-
-    # Fixed now (absolute), as detectron2's builtins fix theirs at import.
-    root = os.path.abspath(root or os.getenv("DETECTRON2_DATASETS", "datasets"))
-    names = []
-    for name, p in demo_paths(root).items():
-        names.append(name)
-        if name in DatasetCatalog.list():
-            continue
-        if "_det_" in name:
-            def load(p=p, name=name):
-                ensure_demo_data(root)
-                return load_coco_json(p["json_file"], p["image_root"], name)
-
-            MetadataCatalog.get(name).set(
-                json_file=p["json_file"], image_root=p["image_root"], evaluator_type="coco",
-                thing_classes=list(DET_CLASSES), datasets_root=root,
-                thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(DET_CLASSES))})
-        else:
-            def load(p=p):
-                ensure_demo_data(root)
-                return load_sem_seg(p["sem_seg_root"], p["image_root"], gt_ext="png", image_ext="jpg")
-
-            MetadataCatalog.get(name).set(
-                image_root=p["image_root"], sem_seg_root=p["sem_seg_root"], evaluator_type="sem_seg",
-                stuff_classes=list(SEG_CLASSES), ignore_label=255, datasets_root=root)
-        DatasetCatalog.register(name, load)
-    names.append(register_demo_subset("resnest_demo_det_val", 16, "mini"))
-    names.append(register_demo_subset("resnest_demo_seg_val", 8, "mini"))
-    return names
-
-
-def register_demo_subset(base: str, count: int, suffix: str = "") -> str:
-    """Register `{base}_{suffix or 'first<count>'}`: the first `count` images of a demo set, for quick checks.
-    (COCOEvaluator writes its COCO json itself, from the dataset dicts.)"""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    name = f"{base}_{suffix or f'first{count}'}"
-    if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: DatasetCatalog.get(base)[:count])
-        meta = MetadataCatalog.get(base).as_dict()
-        for key in ("name", "json_file"):
-            meta.pop(key, None)
-        MetadataCatalog.get(name).set(**meta)
-    return name

@@ -2,7 +2,7 @@
 (the label layout detectron2's ade20k_sem_seg_* datasets read) under ROOT (default $DETECTRON2_DATASETS)."""
 import sys
 
-from .builtin import prepare_ade20k
+from .layout import prepare_ade20k
 
 if __name__ == "__main__":
     print(prepare_ade20k(sys.argv[1] if len(sys.argv) > 1 else None))

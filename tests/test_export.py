@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from resnest_backbone import export
 from resnest_backbone.core import build_resnest
 from resnest_backbone.core.fuse import fuse_resnest
 
@@ -19,7 +20,7 @@ def _load_tool(name: str):
     return module
 
 
-export = _load_tool("export")
+export_tool = _load_tool("export")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,11 +96,12 @@ def test_backbone_onnx_equals_pytorch(trunks, fused, tmp_path):
 def test_export_cli_backbone(tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     out = tmp_path / "r14.onnx"
-    assert export.main(["backbone", "--variant", "resnest14d", "--fuse", "--format", "onnx", "--height", "64",
-                        "--width", "64", "-o", str(out)]) == 0
+    assert export_tool.main(["backbone", "--variant", "resnest14d", "--fuse", "--format", "onnx", "--height",
+                             "64", "--width", "64", "-o", str(out)]) == 0
     assert out.stat().st_size > 1e6
     with pytest.raises(ValueError, match="opset"):
-        export.main(["backbone", "--variant", "resnest14d", "--opset", "11", "-o", str(tmp_path / "x.onnx")])
+        export_tool.main(["backbone", "--variant", "resnest14d", "--opset", "11", "-o",
+                          str(tmp_path / "x.onnx")])
 
 
 @pytest.mark.d2
@@ -107,15 +109,17 @@ def test_export_cli_backbone(tmp_path):
 def test_faster_rcnn_onnx_equals_pytorch(fuse, tmp_path):
     pytest.importorskip("detectron2", reason="detectron2 is not installed")
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from resnest_backbone.d2 import export as d2_export
+
     torch.manual_seed(0)
     opts = ["MODEL.RESNEST.VARIANT", "resnest14d", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
             "MODEL.RPN.PRE_NMS_TOPK_TEST", "200"]
-    _, model = export.build_detectron2_model(os.path.join(ROOT, "configs", "faster_rcnn_resnest50_fpn.yaml"),
-                                             opts, fuse=fuse)
+    _, model = d2_export.build_detectron2_model(os.path.join(ROOT, "configs", "faster_rcnn_resnest50_fpn.yaml"),
+                                                opts, fuse=fuse)
     assert any(type(m).__name__ == "FusedBottleneck" for m in model.modules()) == fuse
     image = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(0)) * 255
-    wrapped = export.DetectorExport(model, image)
+    wrapped = d2_export.DetectorExport(model, image)
     boxes = wrapped.reference[0]
     assert boxes.ndim == 2 and boxes.shape[0] > 0  # real detections to compare, not empty tensors
     path = str(tmp_path / "frcnn.onnx")

@@ -117,6 +117,23 @@ def table(tmp_path, monkeypatch, weights):
     return point
 
 
+def test_builtin_table(monkeypatch, tmp_path):
+    # Every variant has a published file; its 8-hex sha256 prefix is the one in its published name; the cache
+    # path names the variant, so the loaders' file-name evidence (avd_first!) holds for downloaded files.
+    from resnest_backbone.convert import variant_from_filename
+    from resnest_backbone.convert.sources import cached_path, weights_table
+    from resnest_backbone.core.variants import VARIANTS, get_variant
+
+    monkeypatch.delenv(SOURCES_ENV, raising=False)
+    table = weights_table()
+    assert set(VARIANTS) <= set(table)
+    for name, entry in table.items():
+        assert len(entry.sha256) == 8 and f"-{entry.sha256}.pth" in entry.file and entry.provenance
+        assert entry.urls and all(u.startswith("https://") and u.endswith("/" + entry.file) for u in entry.urls)
+        named = variant_from_filename(cached_path(name, str(tmp_path)))
+        assert named is not None and get_variant(named).arch() == get_variant(name).arch(), name
+
+
 def test_cli_downloads_verifies_converts_then_uses_the_cache(server, table, weights, tmp_path):
     state, data, digest = weights
     server.files["/releases/r14.pth"] = data

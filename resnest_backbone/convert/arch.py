@@ -11,7 +11,8 @@ the safetensors metadata "resnest" as JSON, and the top-level "resnest" of detec
 checkpoints):
     {"variant": "resnest50_fast_2s1x64d", "arch": {layers, stem_width, radix, cardinality,
      bottleneck_width, deep_stem, avg_down, avd, avd_first}, "decided_by": "--variant" | "variant name" |
-     "file name" | "weights" | "record" | "model", "source": file name, "source_naming": "official" | ..., "writer": ...}
+     "file name" | "weights" | "record" | "model", "source": file name, "source_naming": "official" | ...,
+     "writer": ...}
 """
 import json
 import os

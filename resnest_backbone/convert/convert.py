@@ -177,5 +177,5 @@ def _first_keys(weights: Dict[str, torch.Tensor], n: int = 5) -> str:
     return ", ".join(shown) + (f" ... ({len(weights)} tensors)" if len(weights) > n else "")
 
 
-__all__ = ["FORMATS", "NAMINGS", "OFFICIAL", "Report", "check_output", "convert_checkpoint", "decide_variant", "describe_foreign",
-           "mismatches", "read_arch", "to_official", "variants_matching"]
+__all__ = ["FORMATS", "NAMINGS", "OFFICIAL", "Report", "check_output", "convert_checkpoint", "decide_variant",
+           "describe_foreign", "mismatches", "read_arch", "to_official", "variants_matching"]

@@ -14,11 +14,12 @@ matches, and the file is then read like any other by the weights-only reader (io
 anything in it.
 
 How. Sources are tried in order (mirrors from RESNEST_WEIGHTS_MIRROR first). Each download goes to
-`<cache>/<variant>/<file>.part` with a progress bar (tqdm, on a terminal), resumes a `.part` left by an
-interrupted download with an HTTP Range request, is hashed, and renamed to `<file>` only when the hash
-matches (otherwise deleted). A lock file keeps parallel processes (e.g. every rank of a multi-GPU run)
-from downloading the same file at once. When every source fails, the error lists each source and why;
-when none could be reached at all, it says the machine looks offline and how to pass a local file.
+`<cache>/<variant>/<file>.part` with a progress bar (tqdm, when installed, on a terminal), resumes a
+`.part` left by an interrupted download with an HTTP Range request, is hashed, and renamed to `<file>`
+only when the hash matches (otherwise deleted). A lock file keeps parallel processes (e.g. every rank of
+a multi-GPU run) from downloading the same file at once. When every source fails, the error lists each
+source and why; when none could be reached at all, it says the machine looks offline and how to pass a
+local file.
 
 Environment:
     RESNEST_CACHE              cache folder (default: $XDG_CACHE_HOME or ~/.cache, + resnest-backbone/weights)
@@ -121,10 +122,12 @@ def weights_table() -> Dict[str, Weights]:
     return table
 
 
+_EXAMPLE = '{"resnest50": {"file": "resnest50-528c19ca.pth", "sha256": "<8 to 64 hex>", "urls": ["https://..."]}}'
+
+
 def _read_sources(path: str) -> Dict[str, Weights]:
     def bad(why):
-        return CheckpointError(f"{SOURCES_ENV}={path}: {why}; expected {{\"resnest50\": {{\"file\": "
-                               "\"resnest50-528c19ca.pth\", \"sha256\": \"<8 to 64 hex>\", \"urls\": [\"https://...\"]}}")
+        return CheckpointError(f"{SOURCES_ENV}={path}: {why}; expected " + _EXAMPLE)
     try:
         with open(path) as f:
             data = json.load(f)
@@ -356,9 +359,12 @@ def _range_start(response) -> Optional[int]:
 def _bar(progress: Optional[bool], total: Optional[int], initial: int, desc: str):
     if progress is None:
         progress = sys.stderr.isatty()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional (not a core requirement): no bar then
+        progress = False
     if not progress:
         return contextlib.nullcontext(_NoBar())
-    from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 file=sys.stderr, leave=False)

@@ -10,8 +10,9 @@ The record (a plain dict, stored as the d2 `.pkl`'s top-level "resnest", mmengin
 the safetensors metadata "resnest" as JSON, and the top-level "resnest" of detectron2 training
 checkpoints):
     {"variant": "resnest50_fast_2s1x64d", "arch": {layers, stem_width, radix, cardinality,
-     bottleneck_width, deep_stem, avg_down, avd, avd_first}, "decided_by": "--variant" | "file name" |
-     "weights" | "record" | "model", "source": file name, "source_naming": "official" | ..., "writer": ...}
+     bottleneck_width, deep_stem, avg_down, avd, avd_first}, "decided_by": "--variant" | "variant name" |
+     "file name" | "weights" | "record" | "model", "source": file name, "source_naming": "official" | ...,
+     "writer": ...}
 """
 import json
 import os

@@ -73,12 +73,14 @@ def mismatches(weights: Dict[str, torch.Tensor], variant: str) -> LoadReport:
     return report
 
 
-def decide_variant(src: str, arch: dict, record: Optional[dict], variant: Optional[str] = None) -> tuple:
+def decide_variant(src: str, arch: dict, record: Optional[dict], variant: Optional[str] = None,
+                   given_by: str = "--variant") -> tuple:
     """(variant, decided_by) from the evidence, in the order of the module docstring; CheckpointError when
-    the evidence is contradictory or cannot decide (listing the candidates)."""
+    the evidence is contradictory or cannot decide (listing the candidates). `given_by` says where a given
+    `variant` comes from ("--variant", or "variant name" for weights fetched by name)."""
     if variant is not None:
         get_variant(variant)  # unknown name -> ValueError with the list
-        return variant, "--variant"
+        return variant, given_by
     candidates = variants_matching(arch)
     if not candidates:
         plain = " (radix=0: no split attention, e.g. a ResNet-D)" if arch["radix"] == 0 else ""
@@ -105,15 +107,22 @@ def decide_variant(src: str, arch: dict, record: Optional[dict], variant: Option
         "resnest50_fast_NsKxWd-*.pth; keep that name or pass --variant.)")
 
 
-def convert_checkpoint(src: str, dst: str, fmt: str = "d2", variant: Optional[str] = None,
-                       force: bool = False, keep_classifier: bool = False) -> Report:
-    """Read `src` safely, check it, write `dst` in `fmt`. Raises CheckpointError (nothing written)."""
+def check_output(dst: str, fmt: str, force: bool = False) -> None:
+    """Refuse an output that cannot be written (unknown format, wrong extension, exists without force)."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not dst.endswith(FORMATS[fmt]):
         raise CheckpointError(f"{dst}: a {fmt} checkpoint must end with {' or '.join(FORMATS[fmt])}")
     if os.path.lexists(dst) and not force:
         raise CheckpointError(f"{dst} exists; pass --force to overwrite it")
+
+
+def convert_checkpoint(src: str, dst: str, fmt: str = "d2", variant: Optional[str] = None,
+                       force: bool = False, keep_classifier: bool = False,
+                       given_by: str = "--variant") -> Report:
+    """Read `src` safely, check it, write `dst` in `fmt`. Raises CheckpointError (nothing written).
+    `given_by`: where `variant` comes from, recorded in the output ("--variant" or "variant name")."""
+    check_output(dst, fmt, force)
     report = Report(source=src)
     ckpt = open_checkpoint(src)
     try:
@@ -128,13 +137,13 @@ def convert_checkpoint(src: str, dst: str, fmt: str = "d2", variant: Optional[st
                               f"keys: {_first_keys(official)}; nothing was written") from None
     report.variant_candidates = variants_matching(arch)
     record = find_record(ckpt.data, src, ckpt.metadata)
-    variant, decided_by = decide_variant(src, arch, record, variant)
+    variant, decided_by = decide_variant(src, arch, record, variant, given_by)
     if record is not None and variant_arch(variant) != record["arch"]:
         raise CheckpointError(f"{src} records variant {record['variant']} ({fmt_arch(record['arch'])}) but "
                               f"--variant {variant} differs; nothing was written")
     named = variant_from_filename(src)
-    if decided_by == "--variant" and named and variant_arch(named) != variant_arch(variant):
-        report.notes.append(f"{src}: the file name says {named}; converted as {variant} (--variant) as asked")
+    if decided_by == given_by and named and variant_arch(named) != variant_arch(variant):
+        report.notes.append(f"{src}: the file name says {named}; converted as {variant} ({given_by}) as asked")
     check = mismatches(official, variant)
     if not check.complete:
         raise mismatch_error(src, f"variant {variant}", check, "nothing was written",
@@ -168,5 +177,5 @@ def _first_keys(weights: Dict[str, torch.Tensor], n: int = 5) -> str:
     return ", ".join(shown) + (f" ... ({len(weights)} tensors)" if len(weights) > n else "")
 
 
-__all__ = ["FORMATS", "NAMINGS", "OFFICIAL", "Report", "convert_checkpoint", "decide_variant", "describe_foreign",
-           "mismatches", "read_arch", "to_official", "variants_matching"]
+__all__ = ["FORMATS", "NAMINGS", "OFFICIAL", "Report", "check_output", "convert_checkpoint", "decide_variant",
+           "describe_foreign", "mismatches", "read_arch", "to_official", "variants_matching"]

@@ -3,6 +3,7 @@
     from resnest_backbone.convert import load_weights
     report = load_weights(model, "resnest50-528c19ca.pth")          # strict: raises unless all fit
     report = load_weights(model, "partial.pkl", strict=False)       # loads what fits, says what did not
+    report = load_weights(model, "resnest50")                       # the published weights, by name
     print("\\n".join(report.lines()))
 
 `model` is a core ResNeSt trunk, or any module holding exactly one (the detectron2 ResNeSt backbone, an FPN
@@ -26,6 +27,7 @@ from .arch import (ARCH_KEYS, INVISIBLE, check_arch, describe_foreign, file_evid
                    read_arch, variants_matching)
 from .io import Checkpoint, CheckpointError, open_checkpoint
 from .naming import detect_naming
+from .sources import resolve_checkpoint
 
 
 @dataclass
@@ -202,6 +204,7 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> LoadReport
     A classifier (fc.*) in the file is ignored when the model has none; keys outside the trunk (a
     detector's heads) are listed as ignored."""
     target, trunk = find_trunk(model)
+    path = resolve_checkpoint(path)[0]  # a variant name: its published weights (sources.py)
     report, to_load = match_trunk(trunk, open_checkpoint(path), target)
     where = "the model's ResNeSt trunk" + (f" ({target})" if target else "")
     if strict and not report.complete:

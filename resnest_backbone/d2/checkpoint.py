@@ -37,6 +37,7 @@ from ..convert.io import (CheckpointError, _unwrap, atomic_write, read_checkpoin
                           verify_weights_only)
 from ..convert.load import LoadReport, compare_with_model, detected_variants, mismatch_error
 from ..convert.naming import OFFICIAL, detect_naming
+from ..convert.sources import resolve_checkpoint
 
 _TRUNK_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")
 _OVERRIDE = "set checkpointer.strict_backbone = False to load it anyway"
@@ -46,7 +47,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     strict_backbone = True  # refuse checkpoints that do not fit the ResNeSt trunk completely
 
     def load(self, path: str, *args, **kwargs):
-        """detectron2's load, plus `?matching_heuristics=True` on every detectron2 line, and exception-safe."""
+        """detectron2's load, plus `?matching_heuristics=True` on every detectron2 line, variant names
+        (`resnest50`: the published weights, downloaded once and verified, convert/sources.py), and
+        exception-safe."""
         self._heuristics = False
         if path and "?" in path:
             parsed = urlparse(path)
@@ -56,6 +59,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 raise ValueError(f"{path}: unsupported query {queries} (only matching_heuristics=True)")
             self._heuristics = flag == ["True"]
             path = parsed._replace(query="").geturl()
+        if path:
+            path = resolve_checkpoint(path)[0]  # a variant name (MODEL.WEIGHTS resnest50): the verified file
         try:
             return super().load(path, *args, **kwargs)
         finally:

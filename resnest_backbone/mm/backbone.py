@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..convert.io import CheckpointError, open_checkpoint
 from ..convert.load import LoadReport, compare_with_model, detected_variants, match_trunk, mismatch_error
 from ..convert.naming import MMDET
+from ..convert.sources import looks_like_name, resolve_checkpoint
 from ..core import STAGE_NAMES, ResNeSt, SyncBatchNorm, get_variant, stem_out_channels
 
 # mmcv names a GroupNorm `gn{postfix}` where BN is `bn{postfix}`: mmdet/mmseg GN checkpoints of ResNeSt
@@ -256,11 +257,14 @@ def _to_ours(key: str, own) -> Optional[str]:
 
 
 def _local_checkpoint(checkpoint: str) -> str:
-    """A local path for `checkpoint`: a file, or an http(s) / open-mmlab:// / torchvision-style URL downloaded
+    """A local path for `checkpoint`: a file; a variant name (`resnest50`): its published weights, downloaded
+    once and verified (convert/sources.py); or an http(s) / open-mmlab:// / torchvision-style URL downloaded
     once into torch's hub cache (then read safely, like any file)."""
     checkpoint = os.path.expanduser(str(checkpoint))
     if os.path.isfile(checkpoint):
         return checkpoint
+    if looks_like_name(checkpoint):
+        return resolve_checkpoint(checkpoint, strict=True)[0]
     url = checkpoint
     if checkpoint.startswith("open-mmlab://"):
         from mmengine.runner.checkpoint import get_external_models
@@ -270,8 +274,8 @@ def _local_checkpoint(checkpoint: str) -> str:
         if url is None:
             raise CheckpointError(f"{checkpoint}: unknown open-mmlab model name {name!r}")
     if not url.startswith(("http://", "https://")):
-        raise CheckpointError(f"checkpoint {checkpoint!r} is not a file (and not an http(s):// or "
-                              "open-mmlab:// URL); convert official weights with `resnest-convert IN.pth "
+        raise CheckpointError(f"checkpoint {checkpoint!r} is not a file (and not a variant name, an http(s):// "
+                              "or open-mmlab:// URL); convert official weights with `resnest-convert IN.pth "
                               "OUT.pth --format mmdet` and give OUT.pth")
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     os.makedirs(folder, exist_ok=True)

@@ -27,8 +27,8 @@ DEFAULT_OPSET = 17
 FORMATS = ("onnx", "torchscript")
 
 __all__ = ["DEFAULT_OPSET", "FORMATS", "build_backbone", "check_backbone_onnx", "check_backbone_torchscript",
-           "check_close", "check_onnx_exportable", "export_backbone", "export_backbone_onnx", "export_backbone_torchscript",
-           "max_abs_diff", "onnx_session", "quiet"]
+           "check_close", "check_onnx_exportable", "export_backbone", "export_backbone_onnx",
+           "export_backbone_torchscript", "max_abs_diff", "onnx_session", "quiet"]
 
 
 @contextlib.contextmanager

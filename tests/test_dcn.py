@@ -7,8 +7,8 @@ Tolerance for "equal" (RTOL, relative to the largest |feature| of each output): 
 K = 9 * C_in/groups products (up to 2304 here); a reordered fp32 sum differs by about sqrt(K) * 2^-24 relative
 to the terms' scale. Measured here (CPU, fp32, He-initialised weights, random BN statistics): one grouped 3x3
 layer (K = 180 to 2304) 2.6e-7 to 4.2e-7 of its largest output (6.6e-7 to 8.3e-7 absolute), a whole
-ResNeSt-50 with DCN in res3-res5 (v1, and DCNv2 with 2 offset groups) at most 1.0e-6, the cases below at most
-1.0e-6. RTOL = 1e-5 leaves 10x headroom, and is 100x below what a real difference gives: a 0.01-pixel
+ResNeSt-50 with DCN in res3-res5 at 224x224 1.05e-6 (v1) and 1.17e-6 (DCNv2, 2 offset groups), the cases
+below 2.4e-7 to 6.7e-7. RTOL = 1e-5 leaves 8x headroom, and is 100x below what a real difference gives: a 0.01-pixel
 offset or the DCNv2 zero-init mask 0.5 move the features by > 1e-3 (tested as negative controls).
 """
 

@@ -19,6 +19,7 @@ import torch
 
 from .convert import load_weights
 from .core import STAGE_NAMES, build_resnest
+from .core.deform import has_deformable
 from .core.fuse import fuse_resnest
 
 logger = logging.getLogger("resnest.export")
@@ -26,8 +27,8 @@ DEFAULT_OPSET = 17
 FORMATS = ("onnx", "torchscript")
 
 __all__ = ["DEFAULT_OPSET", "FORMATS", "build_backbone", "check_backbone_onnx", "check_backbone_torchscript",
-           "check_close", "export_backbone", "export_backbone_onnx", "export_backbone_torchscript",
-           "max_abs_diff", "onnx_session", "quiet"]
+           "check_close", "check_onnx_exportable", "export_backbone", "export_backbone_onnx",
+           "export_backbone_torchscript", "max_abs_diff", "onnx_session", "quiet"]
 
 
 @contextlib.contextmanager
@@ -94,11 +95,22 @@ def export_backbone_torchscript(model: torch.nn.Module, example: torch.Tensor, p
     return exported
 
 
+def check_onnx_exportable(model: torch.nn.Module) -> None:
+    """Refuse, before anything is written, a model ONNX cannot express here: deformable convs (torchvision
+    registers no ONNX symbolic for deform_conv2d)."""
+    if has_deformable(model):
+        raise ValueError("ONNX export of a deformable (DCN) ResNeSt is not supported: torchvision registers no "
+                         "ONNX symbolic for deform_conv2d. Export it as TorchScript (script or trace), which "
+                         "keeps torchvision's op (load it with torchvision imported), or build the model "
+                         "without deform_on_per_stage.")
+
+
 def export_backbone_onnx(model: torch.nn.Module, example: torch.Tensor, path: str,
                          opset: int = DEFAULT_OPSET, dynamic: bool = True) -> List[str]:
     """ONNX with input `image` and one output per out_feature (res2..res5), batch/height/width dynamic."""
     if opset < 13:
         raise ValueError(f"opset {opset} < 13 is not supported")
+    check_onnx_exportable(model)
     names = list(model.out_features)
     dynamic_axes = None
     if dynamic:

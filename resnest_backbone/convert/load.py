@@ -15,6 +15,10 @@ This module is the one place that compares weights with a model and reports the 
 converter, `load_weights`, the detectron2 checkpointer and the mmdet/mmseg `init_cfg` loader all call
 `compare_with_model` and raise `mismatch_error`, and check the architecture evidence with
 `arch.check_arch` through `match_trunk` (or directly).
+
+Deformable (DCN) trunks: a file without any offset branch (`conv2_offset`, e.g. an ImageNet trunk) fills a DCN
+model; its offset branches are reported as newly initialised (zero: zero offsets) rather than missing. A file
+that has offset branches must have all of the model's, like any other tensor.
 """
 import logging
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..core.deform import is_offset_key
 from .arch import (ARCH_KEYS, INVISIBLE, check_arch, describe_foreign, file_evidence, find_record, fmt_arch,
                    read_arch, variants_matching)
 from .io import Checkpoint, CheckpointError, open_checkpoint
@@ -42,6 +47,9 @@ class LoadReport:
     unexpected: List[str] = field(default_factory=list)  # "key [shape]" the file has and the model lacks
     mismatched: List[str] = field(default_factory=list)  # "key: checkpoint [..], model [..]"
     ignored: List[str] = field(default_factory=list)  # keys outside the trunk (heads, classifier, ...)
+    # "key [shape]" of DCN offset branches the model has and a file without any offset branch lacks: they
+    # start at zero (zero offsets); not a problem (see the module docstring)
+    initialised: List[str] = field(default_factory=list)
     record: Optional[dict] = None  # the architecture the file records (or its file name says)
 
     @property
@@ -66,7 +74,17 @@ class LoadReport:
                 shown = ", ".join(items[:limit]) + (f" ... ({len(items) - limit} more)" if len(items) > limit
                                                     else "")
                 out.append(f"{title}: {len(items)}: {shown}")
+        if self.initialised:
+            out.append(f"newly initialised (DCN offset branches, not in the file; zero = zero offsets): "
+                       f"{len(self.initialised)}: " + ", ".join(self.initialised[:limit])
+                       + (f" ... ({len(self.initialised) - limit} more)" if len(self.initialised) > limit else ""))
         return out
+
+    def initial_values(self, expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Zero tensors for the newly initialised keys (their values in a freshly built model), shaped and
+        typed as `expected` (the model's state_dict)."""
+        keys = [item.split(" ", 1)[0] for item in self.initialised]
+        return {k: torch.zeros_like(expected[k]) for k in keys}
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
@@ -128,12 +146,16 @@ def compare_with_model(expected: Mapping[str, Sequence[int]], found: Mapping[str
     """THE comparison of weights with a model: fill report.missing / mismatched / unexpected and return the
     tensors that fit. `expected` maps the model's keys to tensors or shapes; step counters are loaded when
     both sides have them and never reported when only one side has them; keys for which `skip` is true
-    (e.g. a classifier the output does not carry) are neither compared nor reported."""
+    (e.g. a classifier the output does not carry) are neither compared nor reported. The model's DCN offset
+    branches go to report.initialised when `found` has no offset branch at all (a plain trunk)."""
     to_load = {}
+    plain_file = not any(is_offset_key(k) for k in found)
     for key, want in expected.items():
         want = tuple(want.shape) if isinstance(want, torch.Tensor) else tuple(want)
         if key not in found:
-            if not ignorable(key):
+            if plain_file and is_offset_key(key):
+                report.initialised.append(f"{key} {list(want)}")
+            elif not ignorable(key):
                 report.missing.append(f"{key} {list(want)}")
         elif tuple(found[key].shape) != want:
             if not ignorable(key):
@@ -202,14 +224,15 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> LoadReport
     Either way, a file whose record (or official/timm file name) names another architecture than the
     model's (e.g. avd_first, invisible in the weights) is refused.
     A classifier (fc.*) in the file is ignored when the model has none; keys outside the trunk (a
-    detector's heads) are listed as ignored."""
+    detector's heads) are listed as ignored. A DCN model's offset branches that a plain file lacks are set
+    to zero and listed as newly initialised."""
     target, trunk = find_trunk(model)
     path = resolve_checkpoint(path)[0]  # a variant name: its published weights (sources.py)
     report, to_load = match_trunk(trunk, open_checkpoint(path), target)
     where = "the model's ResNeSt trunk" + (f" ({target})" if target else "")
     if strict and not report.complete:
         raise mismatch_error(str(path), where, report)
-    result = trunk.load_state_dict(to_load, strict=False)
+    result = trunk.load_state_dict({**to_load, **report.initial_values(trunk.state_dict())}, strict=False)
     leftover = [k for k in result.unexpected_keys if not ignorable(k)]
     if leftover:  # cannot happen with the checks above; never let it pass silently
         raise CheckpointError(f"{path}: torch did not accept {leftover[:5]}")

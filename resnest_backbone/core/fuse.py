@@ -14,7 +14,9 @@ What changes (the outputs do not, up to float rounding; tests/test_fuse.py check
     and tensor ops over the radix dimension, no split / stack / list sum), and the residual add + ReLU run
     in place; DropBlock (a no-op in inference) is dropped;
   - channels_last is supported end to end (views only, no `.contiguous()`), which is what oneDNN / cuDNN
-    convolutions prefer.
+    convolutions prefer;
+  - deformable blocks (core/deform.py) keep their offset conv; bn0 / bn2 fold into the deformable conv's
+    weight and bias exactly as into a plain conv (it is linear in its weight).
 The converted modules are inference only: folded statistics can no longer update (train() changes nothing).
 The result stays a ResNeSt (same class, same `forward`, `output_shape()` for detectron2), and scripts,
 traces and exports to ONNX like the original.
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .deform import DeformConv2d
 from .split_attention import SplitAttentionConv2d, rsoftmax, split_sum
 from .trunk import STAGE_MODULES, Bottleneck, ResNeSt
 
@@ -93,9 +96,11 @@ def fused_split_sum(x: torch.Tensor, attention: torch.Tensor, radix: int) -> tor
 
 class FusedSplitAttention(nn.Module):
     """Inference form of SplitAttentionConv2d: bn0 and bn1 folded, fc2 rows in radix-major order."""
+    deformable: torch.jit.Final[bool]
 
     def __init__(self, sa: SplitAttentionConv2d):
         super().__init__()
+        self.deformable = isinstance(sa.conv, DeformConv2d)
         self.radix = sa.radix
         self.cardinality = sa.cardinality
         self.channels = sa.channels
@@ -106,8 +111,14 @@ class FusedSplitAttention(nn.Module):
         else:  # one cardinal group, or radix 1 (sigmoid): the rows are already in the conv's order
             self.fc2 = copy.deepcopy(sa.fc2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.norm0(self.conv(x)), inplace=True)
+    def forward(self, x: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.deformable:
+            if offset is None:
+                raise ValueError("a deformable split-attention conv needs the offset conv's output")
+            x = self.conv(x, offset)
+        else:
+            x = self.conv(x)
+        x = F.relu(self.norm0(x), inplace=True)
         gap = x.mean((2, 3), keepdim=True)
         if self.radix > 1:
             gap = split_sum(gap, self.radix)
@@ -149,6 +160,7 @@ class FusedBottleneck(nn.Module):
         avd = block.avd_layer is not None
         self.pool_before = copy.deepcopy(block.avd_layer) if avd and block.avd_first else None
         self.pool_after = copy.deepcopy(block.avd_layer) if avd and not block.avd_first else None
+        self.conv2_offset = copy.deepcopy(block.conv2_offset)
         if isinstance(block.conv2, SplitAttentionConv2d):
             self.conv2 = FusedSplitAttention(block.conv2)
             self.norm2 = None
@@ -163,7 +175,10 @@ class FusedBottleneck(nn.Module):
         out = F.relu(self.norm1(self.conv1(x)), inplace=True)
         if self.pool_before is not None:
             out = self.pool_before(out)
-        out = self.conv2(out)
+        if self.conv2_offset is not None:
+            out = self.conv2(out, self.conv2_offset(out))
+        else:
+            out = self.conv2(out)
         if self.norm2 is not None:
             out = F.relu(self.norm2(out), inplace=True)
         if self.pool_after is not None:

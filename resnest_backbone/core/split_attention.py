@@ -11,6 +11,9 @@ public code normalised over the wrong axis and mixed channels across cardinal gr
 
 radix >= 2: softmax over the radix splits; radix == 1: a sigmoid gate (SE-like); radix == 0 is not this
 module (the bottleneck uses a plain grouped conv).
+
+deform_groups > 0 makes the grouped conv deformable (core/deform.py): same weight, same layout; forward then
+takes the block's offset-conv output.
 """
 from typing import Callable, Optional
 
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .deform import DeformConv2d
 from .dropblock import dropblock_or_identity
 
 
@@ -30,12 +34,16 @@ class SplitAttentionConv2d(nn.Module):
     """Grouped conv producing `radix` splits per cardinal group, fused by split attention.
 
     Submodule names follow the official checkpoints: conv, bn0, fc1, bn1, fc2.
+    deform_groups > 0: `conv` is a (modulated, if deform_modulated) deformable conv with that many offset
+    groups, and forward(x, offset) takes the offset conv's output.
     """
+    deformable: torch.jit.Final[bool]
 
     def __init__(self, in_channels: int, channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: int = 1, dilation: int = 1, cardinality: int = 1, radix: int = 2,
                  reduction_factor: int = 4, norm_layer: Optional[Callable[[int], nn.Module]] = None,
-                 dropblock_prob: float = 0.0, bias: bool = False):
+                 dropblock_prob: float = 0.0, bias: bool = False, deform_groups: int = 0,
+                 deform_modulated: bool = False):
         super().__init__()
         if radix < 1:
             raise ValueError(f"SplitAttentionConv2d needs radix >= 1, got radix={radix} "
@@ -53,8 +61,14 @@ class SplitAttentionConv2d(nn.Module):
         self.radix = radix
         self.cardinality = cardinality
         self.channels = channels
-        self.conv = nn.Conv2d(in_channels, channels * radix, kernel_size, stride, padding, dilation,
-                              groups=cardinality * radix, bias=bias)
+        self.deformable = deform_groups > 0
+        if self.deformable:
+            self.conv = DeformConv2d(in_channels, channels * radix, kernel_size, stride, padding, dilation,
+                                     groups=cardinality * radix, bias=bias, deform_groups=deform_groups,
+                                     modulated=deform_modulated)
+        else:
+            self.conv = nn.Conv2d(in_channels, channels * radix, kernel_size, stride, padding, dilation,
+                                  groups=cardinality * radix, bias=bias)
         self.bn0 = norm_layer(channels * radix) if norm_layer is not None else nn.Identity()
         self.dropblock = dropblock_or_identity(dropblock_prob)
         self.relu = nn.ReLU(inplace=True)
@@ -62,8 +76,14 @@ class SplitAttentionConv2d(nn.Module):
         self.bn1 = _pooled_norm(norm_layer, inter_channels) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Conv2d(inter_channels, channels * radix, 1, groups=cardinality)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.dropblock(self.bn0(self.conv(x))))
+    def forward(self, x: torch.Tensor, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.deformable:  # a TorchScript constant: only one branch is compiled
+            if offset is None:
+                raise ValueError("a deformable split-attention conv needs the offset conv's output")
+            x = self.conv(x, offset)
+        else:
+            x = self.conv(x)
+        x = self.relu(self.dropblock(self.bn0(x)))
         # Global context = spatial mean of the sum of the splits, reduced in the official code's order
         # (sum the splits, then adaptive_avg_pool2d). Do not reorder (e.g. pool first, or .mean()): the
         # rounding differences grow through deep nets (ResNeSt-101 with random BN statistics: 0.07 at

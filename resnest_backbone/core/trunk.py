@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .deform import DeformConv2d, offset_conv
 from .dropblock import dropblock_or_identity
 from .norm import FrozenBatchNorm2d, NormSpec, make_norm
 from .split_attention import SplitAttentionConv2d, attention_channels
@@ -24,6 +25,8 @@ STEM_STRIDE = 4  # the stem's conv (stride 2) and max pool (stride 2)
 FREEZABLE_PARTS = (("conv1", "bn1"),) + tuple((name,) for name in STAGE_MODULES)
 # The knobs a trunk's weights are for (output stride, norm type, DropBlock are not: an ImageNet trunk
 # loads into a dilated or FrozenBN trunk unchanged). avd and avd_first cannot be seen in the tensors.
+# Deformable stages are not recorded: their offset convs are visible in the weights (present or not, their
+# shapes give modulation and groups), and an ImageNet trunk loads into a DCN trunk (offsets start at zero).
 WEIGHT_ARCH_KEYS = ("layers", "stem_width", "radix", "cardinality", "bottleneck_width", "deep_stem", "avg_down",
                     "avd", "avd_first")
 ARCH_METADATA_KEY = "resnest_arch"  # in state_dict._metadata[<trunk prefix>], saved with the tensors
@@ -52,13 +55,18 @@ class Bottleneck(nn.Module):
     avd ("average down"): the stride is moved out of the 3x3 conv into a 3x3 average pool, placed after
     the split-attention conv (avd_first=False, the paper models) or before it (avd_first=True, the `fast`
     ablation variants, cheaper since the conv then runs at the lower resolution).
+
+    deform_groups > 0 (core/deform.py, the official detectron2 wrapper's DeformBottleneckBlock): the 3x3 conv
+    is deformable and `conv2_offset` (zero-initialised) predicts its offsets (+ mask when deform_modulated)
+    from the same input, with the same stride and dilation.
     """
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: Optional[nn.Module] = None, radix: int = 2, cardinality: int = 1,
                  bottleneck_width: int = 64, avd: bool = False, avd_first: bool = False,
                  norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, dropblock_prob: float = 0.0,
-                 last_gamma: bool = False, reduction_factor: int = 4):
+                 last_gamma: bool = False, reduction_factor: int = 4, deform_groups: int = 0,
+                 deform_modulated: bool = False):
         super().__init__()
         width = group_width(planes, bottleneck_width, cardinality)
         if width < 1:
@@ -77,16 +85,24 @@ class Bottleneck(nn.Module):
         # official code also adds the pool to the first block of a dilated (stride-1) stage: a 3x3 blur.
         self.avd_layer = nn.AvgPool2d(3, stride, padding=1) if avd else None
         conv_stride = 1 if avd else stride
+        self.conv2_offset = (offset_conv(width, conv_stride, dilation, deform_groups, deform_modulated)
+                             if deform_groups > 0 else None)
         if radix >= 1:
             self.conv2 = SplitAttentionConv2d(
                 width, width, 3, conv_stride, padding=dilation, dilation=dilation,
                 cardinality=cardinality, radix=radix, reduction_factor=reduction_factor,
-                norm_layer=norm_layer, dropblock_prob=dropblock_prob)
+                norm_layer=norm_layer, dropblock_prob=dropblock_prob, deform_groups=deform_groups,
+                deform_modulated=deform_modulated)
             self.bn2 = None
             self.dropblock2 = None
         else:  # radix 0: a plain grouped 3x3 conv (ResNeXt block)
-            self.conv2 = nn.Conv2d(width, width, 3, conv_stride, padding=dilation,
-                                   dilation=dilation, groups=cardinality, bias=False)
+            if deform_groups > 0:
+                self.conv2 = DeformConv2d(width, width, 3, conv_stride, padding=dilation, dilation=dilation,
+                                          groups=cardinality, deform_groups=deform_groups,
+                                          modulated=deform_modulated)
+            else:
+                self.conv2 = nn.Conv2d(width, width, 3, conv_stride, padding=dilation,
+                                       dilation=dilation, groups=cardinality, bias=False)
             self.bn2 = norm_layer(width)
             self.dropblock2 = dropblock_or_identity(dropblock_prob)
         self.conv3 = nn.Conv2d(width, self.out_channels, 1, bias=False)
@@ -100,7 +116,10 @@ class Bottleneck(nn.Module):
         out = self.relu(self.dropblock1(self.bn1(self.conv1(x))))
         if self.avd_layer is not None and self.avd_first:
             out = self.avd_layer(out)
-        out = self.conv2(out)
+        if self.conv2_offset is not None:  # resolved when scripting: one branch is compiled
+            out = self.conv2(out, self.conv2_offset(out))
+        else:
+            out = self.conv2(out)
         if self.bn2 is not None:
             out = self.relu(self.dropblock2(self.bn2(out)))
         if self.avd_layer is not None and not self.avd_first:
@@ -131,6 +150,9 @@ class ResNeSt(nn.Module):
       norm              "BN", "SyncBN", "FrozenBN", "GN", or a callable channels -> module
       dropblock_prob    DropBlock in res4 and res5 (official placement)
       last_gamma        zero-init the last norm of each block
+      deform_on_per_stage, deform_modulated, deform_num_groups
+                        deformable 3x3 conv in split attention per stage res2..res5 (DCN v1, or DCNv2 when
+                        modulated), offset groups: detectron2's MODEL.RESNETS.DEFORM_* (core/deform.py)
       num_classes       > 0 adds the classifier (`fc`), for ImageNet checkpoints and classification
     """
 
@@ -141,11 +163,15 @@ class ResNeSt(nn.Module):
                  dilations: Optional[Sequence[int]] = None, contract_dilation: bool = True,
                  multi_grid: Optional[Sequence[int]] = None, norm: NormSpec = "BN",
                  dropblock_prob: float = 0.0, last_gamma: bool = False, reduction_factor: int = 4,
-                 out_features: Sequence[str] = STAGE_NAMES, num_classes: int = 0):
+                 out_features: Sequence[str] = STAGE_NAMES, num_classes: int = 0,
+                 deform_on_per_stage: Sequence[bool] = (False, False, False, False),
+                 deform_modulated: bool = False, deform_num_groups: int = 1):
         super().__init__()
         strides, dilations = _check_config(layers, radix, cardinality, bottleneck_width, stem_width,
                                            output_stride, strides, dilations, multi_grid, dropblock_prob,
                                            reduction_factor, out_features)
+        deform_on_per_stage = _check_deform(deform_on_per_stage, deform_modulated, deform_num_groups,
+                                            bottleneck_width, cardinality)
         norm_layer = make_norm(norm)
         if norm_layer is None:
             raise ValueError("norm must name a normalization layer for the trunk (got none)")
@@ -153,7 +179,9 @@ class ResNeSt(nn.Module):
                          bottleneck_width=bottleneck_width, deep_stem=deep_stem, stem_width=stem_width,
                          avg_down=avg_down, avd=avd, avd_first=avd_first, strides=tuple(strides),
                          dilations=tuple(dilations), contract_dilation=contract_dilation,
-                         multi_grid=tuple(multi_grid) if multi_grid else None)
+                         multi_grid=tuple(multi_grid) if multi_grid else None,
+                         deform_on_per_stage=deform_on_per_stage, deform_modulated=bool(deform_modulated),
+                         deform_num_groups=deform_num_groups)
 
         # Stem. Official names: conv1 (a Sequential for the deep stem), bn1 for the last norm.
         stem_channels = stem_out_channels(deep_stem, stem_width)
@@ -181,7 +209,9 @@ class ResNeSt(nn.Module):
                 multi_grid=multi_grid if is_last else None, radix=radix, cardinality=cardinality,
                 bottleneck_width=bottleneck_width, avg_down=avg_down, avd=avd, avd_first=avd_first,
                 norm_layer=norm_layer, dropblock_prob=dropblock_prob if index >= 2 else 0.0,
-                last_gamma=last_gamma, reduction_factor=reduction_factor)
+                last_gamma=last_gamma, reduction_factor=reduction_factor,
+                deform_groups=deform_num_groups if deform_on_per_stage[index] else 0,
+                deform_modulated=bool(deform_modulated))
             self.add_module(STAGE_MODULES[index], stage)
             in_channels = planes * EXPANSION
             total_stride *= stride
@@ -251,8 +281,11 @@ class ResNeSt(nn.Module):
     def _init_weights(self) -> None:
         # Official init: He-normal (fan-out) convs. Norms keep their identity init, so a zeroed bn3
         # (last_gamma) stays zero; the official code re-fills it with ones afterwards, undoing last_gamma.
+        # Deformable convs too; their offset convs (conv2_offset) stay zero: zero offsets at the start.
+        offset_convs = {id(m.conv2_offset) for m in self.modules()
+                        if isinstance(m, Bottleneck) and m.conv2_offset is not None}
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv2d, DeformConv2d)) and id(m) not in offset_convs:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     # ------------------------------------------------------------------------------------------------------
@@ -373,6 +406,35 @@ def arch_differences(recorded: Dict[str, object], model: Dict[str, object],
 def _record_weight_arch(module: "ResNeSt", destination, prefix, local_metadata) -> None:
     # a state_dict hook: the trunk's architecture goes into the state_dict's per-module metadata
     local_metadata[ARCH_METADATA_KEY] = module.weight_arch()
+
+
+def _check_deform(deform_on_per_stage, deform_modulated, deform_num_groups, bottleneck_width,
+                  cardinality) -> Tuple[bool, ...]:
+    """The deformable-conv knobs, checked (ValueError naming the value); returns the four stage flags."""
+    import numbers
+
+    def bad(msg):
+        raise ValueError(f"ResNeSt config: {msg}")
+
+    try:
+        flags = tuple(deform_on_per_stage)
+    except TypeError:
+        flags = ()
+    if isinstance(deform_on_per_stage, (str, bytes)) or len(flags) != 4 or \
+            any(not isinstance(f, bool) for f in flags):
+        bad(f"deform_on_per_stage={deform_on_per_stage!r} must be four booleans (res2..res5), "
+            "e.g. (False, True, True, True)")
+    if not isinstance(deform_modulated, bool):
+        bad(f"deform_modulated={deform_modulated!r} must be True (DCNv2) or False (DCN v1)")
+    if (not isinstance(deform_num_groups, numbers.Integral) or isinstance(deform_num_groups, bool)
+            or deform_num_groups < 1):
+        bad(f"deform_num_groups={deform_num_groups!r} must be an integer >= 1")
+    for stage, planes, on in zip(STAGE_NAMES, STAGE_PLANES, flags):
+        width = group_width(planes, bottleneck_width, cardinality)
+        if on and width % deform_num_groups:
+            bad(f"{stage}: bottleneck channels {width} are not divisible by deform_num_groups="
+                f"{deform_num_groups}")
+    return flags
 
 
 def _check_config(layers, radix, cardinality, bottleneck_width, stem_width, output_stride, strides,

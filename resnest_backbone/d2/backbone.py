@@ -19,7 +19,7 @@ from .config import add_resnest_config
 _ARCH_KEYS = {"LAYERS": "layers", "RADIX": "radix", "CARDINALITY": "cardinality",
               "BOTTLENECK_WIDTH": "bottleneck_width", "STEM_WIDTH": "stem_width", "DEEP_STEM": "deep_stem",
               "AVG_DOWN": "avg_down", "AVD": "avd", "AVD_FIRST": "avd_first"}
-_SEQUENCE_ARGS = ("layers", "strides", "dilations", "multi_grid", "out_features")
+_SEQUENCE_ARGS = ("layers", "strides", "dilations", "multi_grid", "out_features", "deform_on_per_stage")
 
 
 def d2_norm(norm):
@@ -93,6 +93,10 @@ def resnest_kwargs_from_cfg(cfg) -> dict:
         dropblock_prob=rc.DROPBLOCK_PROB,
         last_gamma=rc.LAST_GAMMA,
         out_features=tuple(cfg.MODEL.RESNETS.OUT_FEATURES),
+        # detectron2's own deformable-conv keys, as the official ResNeSt wrapper reads them
+        deform_on_per_stage=tuple(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE),
+        deform_modulated=cfg.MODEL.RESNETS.DEFORM_MODULATED,
+        deform_num_groups=cfg.MODEL.RESNETS.DEFORM_NUM_GROUPS,
     )
     return kwargs
 

@@ -150,13 +150,21 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             checkpoint["matching_heuristics"] = False
         if self.strict_backbone and found is not None:
             trunk, module = found
-            self._check_trunk(checkpoint["model"], trunk)  # shapes first: the more telling message
+            report = self._check_trunk(checkpoint["model"], trunk)  # shapes first: the more telling message
+            if report.initialised:  # a plain trunk into a DCN model: the offset branches start at zero
+                weights = checkpoint["model"]
+                lead = "module." if weights and all(k.startswith("module.") for k in weights) else ""
+                prefix = lead + (trunk + "." if trunk else "")
+                weights.update({prefix + k: v for k, v in
+                                report.initial_values(module.state_dict()).items()})
+                self.logger.info(f"{self._loading}: " + report.lines()[-1])
             check_arch(self._loading, getattr(self, "_evidence", None), module.weight_arch(),
                        where=f"the model's ResNeSt trunk '{trunk or 'model'}'", override=_OVERRIDE)
         return super()._load_model(checkpoint)
 
-    def _check_trunk(self, weights: Dict[str, torch.Tensor], trunk: str) -> None:
-        """Every trunk tensor present with the model's shape, nothing extra in the trunk; else refuse."""
+    def _check_trunk(self, weights: Dict[str, torch.Tensor], trunk: str) -> LoadReport:
+        """Every trunk tensor present with the model's shape, nothing extra in the trunk; else refuse.
+        Returns the report (DCN offset branches a plain file lacks: report.initialised)."""
         prefix = trunk + "." if trunk else ""
         found = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
         expected = {k[len(prefix):]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
@@ -168,6 +176,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             report.detected = detected_variants(held) if _is_resnest(held) else _foreign(held)
             raise mismatch_error(self._loading, f"the model's ResNeSt trunk '{trunk or 'model'}'", report,
                                  hint=_OVERRIDE)
+        return report
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:

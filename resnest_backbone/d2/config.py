@@ -1,8 +1,10 @@
 """detectron2 config keys for ResNeSt: MODEL.RESNEST.*
 
 A variant name gives every architecture knob; any knob set to a non-None value overrides it. Keys that
-detectron2 already has keep their usual meaning: MODEL.BACKBONE.FREEZE_AT, MODEL.RESNETS.OUT_FEATURES and
-MODEL.RESNETS.NORM (used unless MODEL.RESNEST.NORM is set).
+detectron2 already has keep their usual meaning: MODEL.BACKBONE.FREEZE_AT, MODEL.RESNETS.OUT_FEATURES,
+MODEL.RESNETS.NORM (used unless MODEL.RESNEST.NORM is set) and, as in the official ResNeSt detectron2 wrapper,
+MODEL.RESNETS.DEFORM_ON_PER_STAGE / DEFORM_MODULATED / DEFORM_NUM_GROUPS (deformable split attention per stage
+res2..res5, DCNv2 when modulated, offset groups; torchvision's deform_conv2d, no detectron2 C++ op needed).
 """
 from detectron2.config import CfgNode as CN
 

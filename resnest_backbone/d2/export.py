@@ -14,7 +14,7 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling import build_model
 
 from ..core.fuse import fuse_model
-from ..export import DEFAULT_OPSET, FORMATS, check_close, max_abs_diff, onnx_session, quiet
+from ..export import DEFAULT_OPSET, FORMATS, check_close, check_onnx_exportable, max_abs_diff, onnx_session, quiet
 from .checkpoint import SafeDetectionCheckpointer
 from .model_zoo import get_config
 
@@ -65,6 +65,7 @@ class DetectorExport:
         return names if len(names) == count else [f"output_{i}" for i in range(count)]
 
     def export_onnx(self, path: str, opset: int = DEFAULT_OPSET) -> None:
+        check_onnx_exportable(self.adapter)
         with quiet(), torch.no_grad():
             torch.onnx.export(self.adapter, self.inputs, path, dynamo=False, opset_version=opset,
                               input_names=["image"], output_names=self.output_names(),

@@ -66,6 +66,37 @@ def mm_norm(norm_cfg: Optional[dict]):
     return lambda channels: build_norm_layer(cfg, channels)[1]
 
 
+_DCN_TYPES = {"DCN": False, "DCNv2": True}  # mmcv type -> modulated
+
+
+def mm_dcn(dcn: Optional[dict], stage_with_dcn: Sequence[bool]) -> dict:
+    """core.ResNeSt deformable-conv kwargs for mmdet's `dcn` / `stage_with_dcn` (see ResNeStSA)."""
+    stages = tuple(stage_with_dcn)
+    if len(stages) != 4 or any(not isinstance(f, bool) for f in stages):
+        raise ValueError(f"ResNeStSA: stage_with_dcn={stage_with_dcn!r} must be four booleans (stages 1..4)")
+    if dcn is None:
+        if any(stages):
+            raise ValueError(f"ResNeStSA: stage_with_dcn={stages} needs dcn=dict(type='DCN' or 'DCNv2', ...)")
+        return {}
+    if not isinstance(dcn, dict) or dcn.get("type") not in _DCN_TYPES:
+        raise ValueError(f"ResNeStSA: dcn={dcn!r} must be dict(type='DCN' or 'DCNv2', deform_groups=1, "
+                         "fallback_on_stride=False)")
+    cfg = dict(dcn)
+    modulated = _DCN_TYPES[cfg.pop("type")]
+    groups = cfg.pop("deform_groups", None)
+    legacy = cfg.pop("deformable_groups", None)
+    if groups is not None and legacy is not None and groups != legacy:
+        raise ValueError(f"ResNeStSA: dcn deform_groups={groups} contradicts deformable_groups={legacy}")
+    groups = groups if groups is not None else legacy if legacy is not None else 1
+    if cfg.pop("fallback_on_stride", False):
+        raise ValueError("ResNeStSA: dcn fallback_on_stride=True is not supported (with avd, as in every "
+                         "variant, the 3x3 conv has stride 1 anyway); use fallback_on_stride=False")
+    if cfg:
+        raise ValueError(f"ResNeStSA: dcn keys {sorted(cfg)} are not supported (type, deform_groups, "
+                         "fallback_on_stride)")
+    return dict(deform_on_per_stage=stages, deform_modulated=modulated, deform_num_groups=groups)
+
+
 class ResNeStSA(ResNeSt, BaseModule):
     """ResNeSt (split-attention) backbone for mmdet and mmseg, built from the project's variant table.
 
@@ -86,6 +117,12 @@ class ResNeStSA(ResNeSt, BaseModule):
         norm_eval: keep every BatchNorm in eval mode (frozen statistics) while training.
         dropblock_prob: DropBlock in stages 3 and 4 (official placement).
         last_gamma: zero-init the last norm of each block (mmdet's zero_init_residual).
+        dcn, stage_with_dcn: mmdet's deformable-conv arguments, e.g. dcn=dict(type='DCNv2', deform_groups=1,
+            fallback_on_stride=False), stage_with_dcn=(False, True, True, True): the split-attention 3x3 conv
+            of those stages becomes deformable (core/deform.py, on torchvision's deform_conv2d, not mmcv's op;
+            offset branch `conv2_offset` as the official detectron2 wrapper). Accepted: type 'DCN' (v1) or
+            'DCNv2' (modulated), deform_groups (or the older deformable_groups) >= 1, fallback_on_stride
+            False (with avd the 3x3 conv never strides). As in mmdet, stage_with_dcn defaults to no stage.
         init_cfg: e.g. dict(type='Pretrained', checkpoint='resnest50_mmdet.pth'[, prefix='backbone.'],
             [strict=False]); read safely (no pickle code execution), in any known naming (official, timm,
             mmdet, detectron2-ResNeSt fork), and reported; strict (the default) refuses missing or
@@ -105,7 +142,9 @@ class ResNeStSA(ResNeSt, BaseModule):
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  norm_cfg: Optional[dict] = dict(type="BN", requires_grad=True), norm_eval: bool = False,
                  dropblock_prob: float = 0.0, last_gamma: bool = False, reduction_factor: int = 4,
-                 num_stages: int = 4, style: str = "pytorch", init_cfg=None, pretrained: Optional[str] = None):
+                 num_stages: int = 4, style: str = "pytorch", dcn: Optional[dict] = None,
+                 stage_with_dcn: Sequence[bool] = (False, False, False, False), init_cfg=None,
+                 pretrained: Optional[str] = None):
         if variant is None:
             variant = f"resnest{depth}" if depth is not None else "resnest50"
         elif depth is not None and get_variant(variant).layers != get_variant(f"resnest{depth}").layers:
@@ -149,7 +188,7 @@ class ResNeStSA(ResNeSt, BaseModule):
             self, **arch, output_stride=output_stride, strides=strides, dilations=dilations,
             contract_dilation=contract_dilation, multi_grid=multi_grid, norm=mm_norm(norm_cfg),
             dropblock_prob=dropblock_prob, last_gamma=last_gamma, reduction_factor=reduction_factor,
-            out_features=[STAGE_NAMES[i] for i in self.out_indices])
+            out_features=[STAGE_NAMES[i] for i in self.out_indices], **mm_dcn(dcn, stage_with_dcn))
         # ResNeSt.__init__ ran BaseModule.__init__ (through super()) with init_cfg=None.
         self.init_cfg = dict(init_cfg) if isinstance(init_cfg, dict) else init_cfg
         # mmdet semantics: frozen parts keep their BatchNorm modules (and state-dict keys), in eval mode.
@@ -231,8 +270,8 @@ class ResNeStSA(ResNeSt, BaseModule):
                                  hint="" if report.mismatched else "init_cfg strict=False loads what fits")
         strict_trunk, self.strict_trunk = self.strict_trunk, False  # partial by request (init_cfg strict=False)
         try:
-            with torch.no_grad():
-                self.load_state_dict(to_load, strict=False)
+            with torch.no_grad():  # DCN offset branches a plain file lacks: zero (report.initialised)
+                self.load_state_dict({**to_load, **report.initial_values(self.state_dict())}, strict=False)
         finally:
             self.strict_trunk = strict_trunk
         report.loaded = sorted(to_load)
@@ -286,4 +325,4 @@ def _local_checkpoint(checkpoint: str) -> str:
     return path
 
 
-__all__ = ["ResNeStSA", "mm_norm"]
+__all__ = ["ResNeStSA", "mm_dcn", "mm_norm"]

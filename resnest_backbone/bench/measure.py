@@ -37,8 +37,10 @@ class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
     """Peak bytes of tensor storages created while active (CPU or any device), freed ones subtracted.
 
     Tracks every storage an operator returns (outputs of forward and backward ops, gradients); views and
-    in-place results share a storage and count once. Buffers internal to a kernel (e.g. oneDNN scratch)
-    are not tensors and are not seen."""
+    in-place results share a storage and count once, and an output sharing the storage of one of the op's
+    inputs (a view or detach of a parameter, say, as gradient checkpointing's recomputation makes of every
+    weight it saves) allocates nothing. Buffers internal to a kernel (e.g. oneDNN scratch) are not tensors
+    and are not seen."""
 
     def __init__(self):
         super().__init__()
@@ -51,6 +53,8 @@ class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(t) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 try:
@@ -58,12 +62,19 @@ class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
                 except (RuntimeError, NotImplementedError):
                     continue
                 key = storage.data_ptr()
-                if key and key not in self.live:
+                if key and key not in self.live and key not in inputs:
                     self.live[key] = storage.nbytes()
                     self.current += storage.nbytes()
                     self.peak = max(self.peak, self.current)
                     weakref.finalize(storage, self._free, key)
         return out
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 def _outputs(out) -> List[torch.Tensor]:

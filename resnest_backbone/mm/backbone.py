@@ -85,6 +85,8 @@ class ResNeStSA(ResNeSt, BaseModule):
         norm_eval: keep every BatchNorm in eval mode (frozen statistics) while training.
         dropblock_prob: DropBlock in stages 3 and 4 (official placement).
         last_gamma: zero-init the last norm of each block (mmdet's zero_init_residual).
+        with_cp: gradient checkpointing per block in training (torch.utils.checkpoint, non-reentrant):
+            less activation memory, one more forward of the blocks per step; same gradients.
         init_cfg: e.g. dict(type='Pretrained', checkpoint='resnest50_mmdet.pth'[, prefix='backbone.'],
             [strict=False]); read safely (no pickle code execution), in any known naming (official, timm,
             mmdet, detectron2-ResNeSt fork), and reported; strict (the default) refuses missing or
@@ -104,7 +106,8 @@ class ResNeStSA(ResNeSt, BaseModule):
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  norm_cfg: Optional[dict] = dict(type="BN", requires_grad=True), norm_eval: bool = False,
                  dropblock_prob: float = 0.0, last_gamma: bool = False, reduction_factor: int = 4,
-                 num_stages: int = 4, style: str = "pytorch", init_cfg=None, pretrained: Optional[str] = None):
+                 with_cp: bool = False, num_stages: int = 4, style: str = "pytorch", init_cfg=None,
+                 pretrained: Optional[str] = None):
         if variant is None:
             variant = f"resnest{depth}" if depth is not None else "resnest50"
         elif depth is not None and get_variant(variant).layers != get_variant(f"resnest{depth}").layers:
@@ -148,7 +151,7 @@ class ResNeStSA(ResNeSt, BaseModule):
             self, **arch, output_stride=output_stride, strides=strides, dilations=dilations,
             contract_dilation=contract_dilation, multi_grid=multi_grid, norm=mm_norm(norm_cfg),
             dropblock_prob=dropblock_prob, last_gamma=last_gamma, reduction_factor=reduction_factor,
-            out_features=[STAGE_NAMES[i] for i in self.out_indices])
+            grad_checkpoint=with_cp, out_features=[STAGE_NAMES[i] for i in self.out_indices])
         # ResNeSt.__init__ ran BaseModule.__init__ (through super()) with init_cfg=None.
         self.init_cfg = dict(init_cfg) if isinstance(init_cfg, dict) else init_cfg
         # mmdet semantics: frozen parts keep their BatchNorm modules (and state-dict keys), in eval mode.

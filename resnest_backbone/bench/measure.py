@@ -8,9 +8,11 @@ repeats. Per workload (batch x height x width):
          over tensor storages; on CUDA, torch.cuda.max_memory_allocated), above what existed before it
   GMAC   multiply-adds of the architecture (fvcore; it reports a multiply-add as one "flop")
 
-measure_backbones() and measure_detectors() return plain dicts (JSON as they are) that the report is
-rendered from.
+measure_grad_checkpoint() times the training step and its peak memory of our trunk with and without
+gradient checkpointing (the same weights). measure_backbones(), measure_detectors() and
+measure_grad_checkpoint() return plain dicts (JSON as they are) that the report is rendered from.
 """
+import copy
 import datetime
 import logging
 import os
@@ -30,7 +32,8 @@ from .candidates import Candidate, Stages, Workload, backbone_candidates, detect
 logger = logging.getLogger("resnest.benchmark")
 
 __all__ = ["PeakTensorMemory", "count_gmacs", "environment", "eval_step", "interleaved", "load_average",
-           "measure_backbones", "measure_detectors", "measure_peak", "train_step", "try_call"]
+           "measure_backbones", "measure_detectors", "measure_grad_checkpoint", "measure_peak", "train_step",
+           "try_call"]
 
 
 class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
@@ -237,6 +240,36 @@ def measure_detectors(variant: str, workload: Workload, warmup: int = 1, repeats
     for name, t in times.items():
         logger.info("  %-50s %9.1f ms", name, t)
     return {"workload": workload.label, "eval": times, "errors": errors}
+
+
+def measure_grad_checkpoint(variants: Sequence[str], workload: Workload, warmup: int = 1, repeats: int = 3,
+                            memory: bool = True, device="cpu") -> dict:
+    """Training step (forward + backward, as train_step) of our trunk without and with gradient
+    checkpointing (grad_checkpoint=True, the same weights), interleaved, per variant: {"workload",
+    "rows": [{"variant", "plain_ms", "checkpoint_ms", "plain_peak", "checkpoint_peak"}]} (ms medians,
+    peak tensor MiB)."""
+    device = torch.device(device)
+    rows = []
+    for variant in variants:
+        logger.info("grad checkpoint %s %s", variant, workload.label)
+        torch.manual_seed(0)
+        plain = build_resnest(variant).to(device).train()
+        checkpointed = copy.deepcopy(plain).set_grad_checkpointing(True)
+        x = workload.input().to(device)
+        fns = {name: (lambda m=m: (train_step(m, x), m.zero_grad(set_to_none=True)))
+               for name, m in (("plain", plain), ("checkpoint", checkpointed))}
+        for fn in fns.values():
+            fn()  # first call: allocations, oneDNN primitives
+        times = interleaved(fns, warmup, repeats, device)
+        row = {"variant": variant, "plain_ms": times["plain"], "checkpoint_ms": times["checkpoint"]}
+        if memory:
+            for name, m in (("plain", plain), ("checkpoint", checkpointed)):
+                row[f"{name}_peak"] = measure_peak(lambda m=m: train_step(m, x), device)
+                m.zero_grad(set_to_none=True)
+        logger.info("  %s", row)
+        rows.append(row)
+        del plain, checkpointed
+    return {"workload": workload.label, "rows": rows}
 
 
 def load_average() -> Optional[float]:

@@ -19,8 +19,11 @@ def test_benchmark_smoke(tmp_path):
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
     try:
-        res = bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "b.md"),
+        res = bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "b.md"), "--grad-checkpoint",
                           "--png", str(tmp_path / "b.png"), "--json", str(tmp_path / "b.json")])
+        only = bench.main(["--smoke", "--threads", "1", "--grad-checkpoint-only", "--grad-checkpoint-variants",
+                           "resnest14d,resnest26d", "--grad-checkpoint-size", "2x64x96",
+                           "--out", str(tmp_path / "gc.md")])
     finally:
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
@@ -43,6 +46,15 @@ def test_benchmark_smoke(tmp_path):
     if res.get("detector"):
         assert len(res["detector"]["eval"]) == 4 and "Faster R-CNN" in md
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # gradient checkpointing: with the rest (--grad-checkpoint), and alone (no backbone comparison, no chart)
+    assert "## Gradient checkpointing: training step 64x64 b2" in md and "| resnest14d |" in md
+    assert "backbone" not in only and not (tmp_path / "gc.png").exists()
+    rows = only["grad_checkpoint"]["rows"]
+    assert [r["variant"] for r in rows] == ["resnest14d", "resnest26d"]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("plain_ms", "checkpoint_ms", "plain_peak", "checkpoint_peak"))
+    assert rows[1]["checkpoint_peak"] < rows[1]["plain_peak"]
+    assert "| resnest26d |" in (tmp_path / "gc.md").read_text()
     assert json.loads((tmp_path / "b.json").read_text())["env"]["threads"] == 1
     # --render rewrites the report from the saved numbers, measuring nothing
     bench.main(["--render", str(tmp_path / "b.json"), "--out", str(tmp_path / "again.md")])

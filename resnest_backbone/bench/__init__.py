@@ -5,10 +5,12 @@ line and the report (markdown + chart, rendered from the JSON of the numbers) ar
 Imports torch only; the official resnest package, timm, torchvision, fvcore and detectron2 are imported
 when the candidates or counts that need them are built.
 """
-from .candidates import (FULL_EVAL, FULL_TRAIN, SMOKE_EVAL, SMOKE_TRAIN, Candidate, Workload, backbone_candidates,
-                         candidate_names, detector_models, detector_workload, resnet_depth_name)
-from .measure import environment, load_average, measure_backbones, measure_detectors
+from .candidates import (FULL_EVAL, FULL_TRAIN, GRAD_CHECKPOINT_LOAD, SMOKE_EVAL, SMOKE_GRAD_CHECKPOINT_LOAD,
+                         SMOKE_TRAIN, Candidate, Workload, backbone_candidates, candidate_names, detector_models,
+                         detector_workload, resnet_depth_name)
+from .measure import environment, load_average, measure_backbones, measure_detectors, measure_grad_checkpoint
 
-__all__ = ["Candidate", "FULL_EVAL", "FULL_TRAIN", "SMOKE_EVAL", "SMOKE_TRAIN", "Workload", "backbone_candidates",
-           "candidate_names", "detector_models", "detector_workload", "environment", "load_average",
-           "measure_backbones", "measure_detectors", "resnet_depth_name"]
+__all__ = ["Candidate", "FULL_EVAL", "FULL_TRAIN", "GRAD_CHECKPOINT_LOAD", "SMOKE_EVAL", "SMOKE_GRAD_CHECKPOINT_LOAD",
+           "SMOKE_TRAIN", "Workload", "backbone_candidates", "candidate_names", "detector_models", "detector_workload",
+           "environment", "load_average", "measure_backbones", "measure_detectors", "measure_grad_checkpoint",
+           "resnet_depth_name"]

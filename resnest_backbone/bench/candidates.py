@@ -16,7 +16,8 @@ from torch import nn
 from ..core import build_resnest, get_variant
 from ..core.fuse import deploy, fuse_model
 
-__all__ = ["Candidate", "FULL_EVAL", "FULL_TRAIN", "SMOKE_EVAL", "SMOKE_TRAIN", "Stages", "Workload",
+__all__ = ["Candidate", "FULL_EVAL", "FULL_TRAIN", "GRAD_CHECKPOINT_LOAD", "SMOKE_EVAL", "SMOKE_GRAD_CHECKPOINT_LOAD",
+           "SMOKE_TRAIN", "Stages", "Workload",
            "backbone_candidates", "candidate_names", "detector_models", "detector_workload", "fold_bn_fx",
            "official_resnest", "resnet_depth_name", "timm_resnest", "torchvision_resnet"]
 
@@ -43,6 +44,7 @@ FULL_EVAL = (Workload(1, 224, 224), Workload(8, 224, 224), Workload(1, 800, 1216
 FULL_TRAIN = (Workload(1, 224, 224), Workload(8, 224, 224), Workload(1, 800, 1216), Workload(2, 800, 1216))
 SMOKE_EVAL = (Workload(1, 64, 64), Workload(2, 64, 96))
 SMOKE_TRAIN = (Workload(2, 64, 64),)
+GRAD_CHECKPOINT_LOAD, SMOKE_GRAD_CHECKPOINT_LOAD = Workload(2, 320, 320), Workload(2, 64, 64)
 
 
 def detector_workload(smoke: bool = False) -> Workload:

@@ -8,9 +8,11 @@ repeats. Per workload (batch x height x width):
          over tensor storages; on CUDA, torch.cuda.max_memory_allocated), above what existed before it
   GMAC   multiply-adds of the architecture (fvcore; it reports a multiply-add as one "flop")
 
-measure_backbones() and measure_detectors() return plain dicts (JSON as they are) that the report is
-rendered from.
+measure_grad_checkpoint() times the training step and its peak memory of our trunk with and without
+gradient checkpointing (the same weights). measure_backbones(), measure_detectors() and
+measure_grad_checkpoint() return plain dicts (JSON as they are) that the report is rendered from.
 """
+import copy
 import datetime
 import logging
 import os
@@ -30,15 +32,18 @@ from .candidates import Candidate, Stages, Workload, backbone_candidates, detect
 logger = logging.getLogger("resnest.benchmark")
 
 __all__ = ["PeakTensorMemory", "count_gmacs", "environment", "eval_step", "interleaved", "load_average",
-           "measure_backbones", "measure_detectors", "measure_peak", "train_step", "try_call"]
+           "measure_backbones", "measure_detectors", "measure_grad_checkpoint", "measure_peak", "train_step",
+           "try_call"]
 
 
 class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
     """Peak bytes of tensor storages created while active (CPU or any device), freed ones subtracted.
 
     Tracks every storage an operator returns (outputs of forward and backward ops, gradients); views and
-    in-place results share a storage and count once. Buffers internal to a kernel (e.g. oneDNN scratch)
-    are not tensors and are not seen."""
+    in-place results share a storage and count once, and an output sharing the storage of one of the op's
+    inputs (a view or detach of a parameter, say, as gradient checkpointing's recomputation makes of every
+    weight it saves) allocates nothing. Buffers internal to a kernel (e.g. oneDNN scratch) are not tensors
+    and are not seen."""
 
     def __init__(self):
         super().__init__()
@@ -51,6 +56,8 @@ class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(t) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 try:
@@ -58,12 +65,19 @@ class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
                 except (RuntimeError, NotImplementedError):
                     continue
                 key = storage.data_ptr()
-                if key and key not in self.live:
+                if key and key not in self.live and key not in inputs:
                     self.live[key] = storage.nbytes()
                     self.current += storage.nbytes()
                     self.peak = max(self.peak, self.current)
                     weakref.finalize(storage, self._free, key)
         return out
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 def _outputs(out) -> List[torch.Tensor]:
@@ -226,6 +240,36 @@ def measure_detectors(variant: str, workload: Workload, warmup: int = 1, repeats
     for name, t in times.items():
         logger.info("  %-50s %9.1f ms", name, t)
     return {"workload": workload.label, "eval": times, "errors": errors}
+
+
+def measure_grad_checkpoint(variants: Sequence[str], workload: Workload, warmup: int = 1, repeats: int = 3,
+                            memory: bool = True, device="cpu") -> dict:
+    """Training step (forward + backward, as train_step) of our trunk without and with gradient
+    checkpointing (grad_checkpoint=True, the same weights), interleaved, per variant: {"workload",
+    "rows": [{"variant", "plain_ms", "checkpoint_ms", "plain_peak", "checkpoint_peak"}]} (ms medians,
+    peak tensor MiB)."""
+    device = torch.device(device)
+    rows = []
+    for variant in variants:
+        logger.info("grad checkpoint %s %s", variant, workload.label)
+        torch.manual_seed(0)
+        plain = build_resnest(variant).to(device).train()
+        checkpointed = copy.deepcopy(plain).set_grad_checkpointing(True)
+        x = workload.input().to(device)
+        fns = {name: (lambda m=m: (train_step(m, x), m.zero_grad(set_to_none=True)))
+               for name, m in (("plain", plain), ("checkpoint", checkpointed))}
+        for fn in fns.values():
+            fn()  # first call: allocations, oneDNN primitives
+        times = interleaved(fns, warmup, repeats, device)
+        row = {"variant": variant, "plain_ms": times["plain"], "checkpoint_ms": times["checkpoint"]}
+        if memory:
+            for name, m in (("plain", plain), ("checkpoint", checkpointed)):
+                row[f"{name}_peak"] = measure_peak(lambda m=m: train_step(m, x), device)
+                m.zero_grad(set_to_none=True)
+        logger.info("  %s", row)
+        rows.append(row)
+        del plain, checkpointed
+    return {"workload": workload.label, "rows": rows}
 
 
 def load_average() -> Optional[float]:

@@ -5,10 +5,12 @@ official or timm ResNeSt state_dict loads with strict=True and no renaming; each
 trunk and only adds a prefix. The behaviour follows the official code (resnest==0.0.5) knob for knob,
 including its quirks that checkpoints depend on (see comments).
 """
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .deform import DeformConv2d, offset_conv
 from .dropblock import dropblock_or_identity
@@ -59,7 +61,12 @@ class Bottleneck(nn.Module):
     deform_groups > 0 (core/deform.py, the official detectron2 wrapper's DeformBottleneckBlock): the 3x3 conv
     is deformable and `conv2_offset` (zero-initialised) predicts its offsets (+ mask when deform_modulated)
     from the same input, with the same stride and dilation.
+
+    grad_checkpoint: in training, when gradients are needed, keep only the block's input for the backward
+    and recompute the block there (torch.utils.checkpoint, non-reentrant): see `_checkpointed`.
     """
+
+    grad_checkpoint: bool
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: Optional[nn.Module] = None, radix: int = 2, cardinality: int = 1,
@@ -111,8 +118,34 @@ class Bottleneck(nn.Module):
         if last_gamma and getattr(self.bn3, "weight", None) is not None:
             nn.init.zeros_(self.bn3.weight)  # each block starts as identity: helps very deep nets train
         self.downsample = downsample
+        self.grad_checkpoint = False  # set by ResNeSt.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript compiles (and tracing records) the plain path only
+            if self.grad_checkpoint and self._needs_checkpoint(x):
+                return self._checkpointed(x)
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _needs_checkpoint(self, x: torch.Tensor) -> bool:
+        """Training with gradients wanted (by the input or the block's parameters); not under tracing."""
+        return (self.training and torch.is_grad_enabled() and not torch.jit.is_tracing()
+                and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    @torch.jit.unused
+    def _checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        """The block under torch.utils.checkpoint (non-reentrant): its activations are freed after the
+        forward and recomputed in the backward. Gradients equal the plain block's: the recomputation
+        restores the random state first (preserve_rng_state), so DropBlock draws the same masks, and
+        normalizes with the same batch statistics. It would also update BatchNorm running statistics (and
+        num_batches_tracked) a second time: `_undo_buffer_updates` puts them back after it, so they are
+        updated once per forward, as in the plain model."""
+        if torch.compiler.is_compiling():  # compiled: buffer updates are applied once by the compiler
+            return checkpoint(self._forward, x, use_reentrant=False, preserve_rng_state=True)
+        return checkpoint(self._forward, x, use_reentrant=False, preserve_rng_state=True,
+                          context_fn=lambda: (contextlib.nullcontext(), _undo_buffer_updates(self)))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.dropblock1(self.bn1(self.conv1(x))))
         if self.avd_layer is not None and self.avd_first:
             out = self.avd_layer(out)
@@ -130,6 +163,20 @@ class Bottleneck(nn.Module):
         # needed by any backward).
         out += shortcut
         return self.relu(out)
+
+
+@contextlib.contextmanager
+def _undo_buffer_updates(module: nn.Module) -> Iterator[None]:
+    """Restore every buffer of `module` (BN running_mean / running_var / num_batches_tracked, ...) on exit to
+    its value on entry: wrapped around a checkpoint's recomputation, which runs the forward a second time.
+    Also when the recomputation stops early (torch stops it once the backward has what it needs)."""
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 class ResNeSt(nn.Module):
@@ -154,6 +201,10 @@ class ResNeSt(nn.Module):
                         deformable 3x3 conv in split attention per stage res2..res5 (DCN v1, or DCNv2 when
                         modulated), offset groups: detectron2's MODEL.RESNETS.DEFORM_* (core/deform.py)
       num_classes       > 0 adds the classifier (`fc`), for ImageNet checkpoints and classification
+      grad_checkpoint   gradient (activation) checkpointing per bottleneck in training: less memory, one
+                        more forward of the blocks in the backward; same gradients and running statistics
+                        (also `set_grad_checkpointing()`). Eval, no-grad, TorchScript and tracing run the
+                        plain forward.
     """
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), radix: int = 2, cardinality: int = 1,
@@ -165,7 +216,7 @@ class ResNeSt(nn.Module):
                  dropblock_prob: float = 0.0, last_gamma: bool = False, reduction_factor: int = 4,
                  out_features: Sequence[str] = STAGE_NAMES, num_classes: int = 0,
                  deform_on_per_stage: Sequence[bool] = (False, False, False, False),
-                 deform_modulated: bool = False, deform_num_groups: int = 1):
+                 deform_modulated: bool = False, deform_num_groups: int = 1, grad_checkpoint: bool = False):
         super().__init__()
         strides, dilations = _check_config(layers, radix, cardinality, bottleneck_width, stem_width,
                                            output_stride, strides, dilations, multi_grid, dropblock_prob,
@@ -224,6 +275,8 @@ class ResNeSt(nn.Module):
         self.out_features: List[str] = list(out_features)
         self._init_weights()
         self._register_state_dict_hook(_record_weight_arch)
+        self.grad_checkpoint = False
+        self.set_grad_checkpointing(grad_checkpoint)
 
     @staticmethod
     def _make_stage(in_channels, planes, blocks, stride, dilation, first_stage, contract_dilation,
@@ -256,6 +309,17 @@ class ResNeSt(nn.Module):
                 avd=avd and first_block and (stride > 1 or not first_stage),
                 norm_layer=norm_layer, **block_kwargs))
         return nn.Sequential(*blocks_list)
+
+    @torch.jit.unused
+    def set_grad_checkpointing(self, enable: bool = True) -> "ResNeSt":
+        """Turn gradient checkpointing of every bottleneck on or off (the `grad_checkpoint` knob)."""
+        if not isinstance(enable, bool):
+            raise ValueError(f"grad_checkpoint={enable!r} must be True or False")
+        self.grad_checkpoint = enable
+        for module in self.modules():
+            if isinstance(module, Bottleneck):
+                module.grad_checkpoint = enable
+        return self
 
     def weight_arch(self) -> Dict[str, object]:
         """The architecture the trunk's weights are for (WEIGHT_ARCH_KEYS), as plain values."""

@@ -51,8 +51,8 @@ class ResNeStBackbone(ResNeSt, Backbone):
             callable channels -> module.
         freeze_at: detectron2's MODEL.BACKBONE.FREEZE_AT: 0 nothing, 1 the stem, k the stem and res2..res{k}
             (no gradients, FrozenBatchNorm2d).
-        **kwargs: the other core.ResNeSt knobs (out_features, output_stride, dropblock_prob, last_gamma, ...);
-            sequences may be lists or OmegaConf ListConfigs.
+        **kwargs: the other core.ResNeSt knobs (out_features, output_stride, dropblock_prob, last_gamma,
+            grad_checkpoint, ...); sequences may be lists or OmegaConf ListConfigs.
     """
 
     def __init__(self, variant: Optional[str] = None, *, norm="BN", freeze_at: int = 0, **kwargs):
@@ -92,6 +92,7 @@ def resnest_kwargs_from_cfg(cfg) -> dict:
         multi_grid=tuple(rc.RES5_MULTI_GRID) if rc.RES5_MULTI_GRID else None,
         dropblock_prob=rc.DROPBLOCK_PROB,
         last_gamma=rc.LAST_GAMMA,
+        grad_checkpoint=bool(rc.get("GRAD_CHECKPOINT", False)),
         out_features=tuple(cfg.MODEL.RESNETS.OUT_FEATURES),
         # detectron2's own deformable-conv keys, as the official ResNeSt wrapper reads them
         deform_on_per_stage=tuple(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE),

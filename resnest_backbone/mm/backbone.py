@@ -123,6 +123,8 @@ class ResNeStSA(ResNeSt, BaseModule):
             offset branch `conv2_offset` as the official detectron2 wrapper). Accepted: type 'DCN' (v1) or
             'DCNv2' (modulated), deform_groups (or the older deformable_groups) >= 1, fallback_on_stride
             False (with avd the 3x3 conv never strides). As in mmdet, stage_with_dcn defaults to no stage.
+        with_cp: gradient checkpointing per block in training (torch.utils.checkpoint, non-reentrant):
+            less activation memory, one more forward of the blocks per step; same gradients.
         init_cfg: e.g. dict(type='Pretrained', checkpoint='resnest50_mmdet.pth'[, prefix='backbone.'],
             [strict=False]); read safely (no pickle code execution), in any known naming (official, timm,
             mmdet, detectron2-ResNeSt fork), and reported; strict (the default) refuses missing or
@@ -143,7 +145,8 @@ class ResNeStSA(ResNeSt, BaseModule):
                  norm_cfg: Optional[dict] = dict(type="BN", requires_grad=True), norm_eval: bool = False,
                  dropblock_prob: float = 0.0, last_gamma: bool = False, reduction_factor: int = 4,
                  num_stages: int = 4, style: str = "pytorch", dcn: Optional[dict] = None,
-                 stage_with_dcn: Sequence[bool] = (False, False, False, False), init_cfg=None,
+                 stage_with_dcn: Sequence[bool] = (False, False, False, False), with_cp: bool = False,
+                 init_cfg=None,
                  pretrained: Optional[str] = None):
         if variant is None:
             variant = f"resnest{depth}" if depth is not None else "resnest50"
@@ -188,7 +191,8 @@ class ResNeStSA(ResNeSt, BaseModule):
             self, **arch, output_stride=output_stride, strides=strides, dilations=dilations,
             contract_dilation=contract_dilation, multi_grid=multi_grid, norm=mm_norm(norm_cfg),
             dropblock_prob=dropblock_prob, last_gamma=last_gamma, reduction_factor=reduction_factor,
-            out_features=[STAGE_NAMES[i] for i in self.out_indices], **mm_dcn(dcn, stage_with_dcn))
+            grad_checkpoint=with_cp, out_features=[STAGE_NAMES[i] for i in self.out_indices],
+            **mm_dcn(dcn, stage_with_dcn))
         # ResNeSt.__init__ ran BaseModule.__init__ (through super()) with init_cfg=None.
         self.init_cfg = dict(init_cfg) if isinstance(init_cfg, dict) else init_cfg
         # mmdet semantics: frozen parts keep their BatchNorm modules (and state-dict keys), in eval mode.

@@ -53,9 +53,9 @@ stamp_inputs() {
 stamp_file() { echo "$VENV/.resnest-env-stamp-$1"; }
 import_check() {
   case "$1" in
-    d2) "$PY" -c "import torch, torchvision, detectron2, fvcore, pycocotools, resnest_backbone" ;;
+    d2) "$PY" -c "import torch, torchvision, fvcore, pycocotools, detectron2.engine, resnest_backbone.d2" ;;
     mm) "$PY" -c "import mmcv.ops, mmengine, mmdet, mmseg" ;;
-    lane) "$LANE/bin/python" -c "import detectron2, numpy, resnest_backbone
+    lane) "$LANE/bin/python" -c "import detectron2.engine, numpy, resnest_backbone.d2
 assert detectron2.__version__ == '${SAL[1]}' and numpy.__version__ < '2', (detectron2.__version__, numpy.__version__)" ;;
   esac
 }
@@ -130,7 +130,8 @@ if wants d2; then
   else
     build_wheel pb1-detectron2 0.6 detectron2
     log "installing $(basename "$wheel")"
-    "${PIP[@]}" install -q --force-reinstall --no-deps "$wheel"
+    "${PIP[@]}" install -q "$wheel"  # with its dependencies (cloudpickle, omegaconf, hydra-core, ...)
+    "${PIP[@]}" install -q --force-reinstall --no-deps "$wheel"  # replaces an older build of the same version
     keep_tools "$("$PY" tools/env/fetch_sdist.py pb1-detectron2 0.6 "$CACHE/sdists")" "$VENV/detectron2-tools"
   fi
   log "installing fvcore, pycocotools, opencv, matplotlib, this project and its test extras"

@@ -263,8 +263,15 @@ def test_d2_dcn_config_builds_the_official_layout_and_loads_a_plain_trunk(tmp_pa
     with torch.no_grad():
         for conv in _offset_convs(trunk):
             conv.bias.fill_(1.0)
-    with caplog.at_level(logging.INFO):
-        SafeDetectionCheckpointer(model).load(str(pkl))
+    checkpointer = SafeDetectionCheckpointer(model)
+    # detectron2's setup_logger (run in-process by earlier tests) stops the checkpointer's logger from
+    # propagating to the root logger, where caplog listens: listen on the logger itself.
+    checkpointer.logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=checkpointer.logger.name):
+            checkpointer.load(str(pkl))
+    finally:
+        checkpointer.logger.removeHandler(caplog.handler)
     assert "newly initialised (DCN offset branches" in caplog.text  # detectron2: heads (not offsets) not found
     assert "conv2_offset" not in caplog.text.split("not found in the checkpoint")[-1]
     assert all(not c.weight.any() and not c.bias.any() for c in _offset_convs(trunk))

@@ -151,6 +151,7 @@ if wants mm; then
       log "mmcv 2.1.0 with CPU ops: compiling its C++ ops takes 20-40 minutes on 2 cores (once per machine)"
     fi
     build_wheel mmcv 2.1.0 mmcv MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    log "installing $(basename "$wheel")"
     "${PIP[@]}" install -q "$wheel"
   fi
   # mmseg imports ftfy and regex without declaring them; both mmdet 3.3 and mmseg 1.2 need mmcv<2.2.

@@ -98,6 +98,7 @@ build_wheel() {
     # --no-build-isolation: build against the torch installed above (the ops link to it), with our
     # setuptools<81; an isolated build would fetch the newest torch and setuptools.
     env "$@" "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$work/out" "$work/$name-$version"
+    mkdir -p "$WHEELS"
     find "$WHEELS" -maxdepth 1 -name "$name-$version-patches-*" -exec rm -rf {} +  # builds of older patches
     mkdir -p "$dir"
     mv "$work"/out/*.whl "$dir/"

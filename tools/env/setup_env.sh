@@ -7,10 +7,10 @@
 #                                                # (RESNEST_SKIP_MM=1 means the same)
 #
 # Parts (rough times on a fresh 2-core machine; a warm wheel cache makes the builds a few seconds):
-#   d2    .venv: torch==2.14.1 torchvision==0.29.1 (1-2 min), detectron2 v0.6 (kept if it is a user's own
+#   d2    .venv: torch==2.14.1 torchvision==0.29.1 (1 min), detectron2 v0.6 (kept if it is a user's own
 #         install; else built from the PyPI sdist pb1-detectron2==0.6 patched by tools/env/patch_sdists.py,
 #         under a minute), fvcore, pycocotools, opencv, this project (editable) with its test extras
-#   mm    .venv: mmcv 2.1.0 with compiled CPU ops (20-40 min the first time: the one long step), mmengine,
+#   mm    .venv: mmcv 2.1.0 with compiled CPU ops (8-20 min the first time: the one long step), mmengine,
 #         mmdet 3.3.0, mmsegmentation 1.2.2, ftfy, regex
 #   lane  .venv-d2main: the second detectron2 line, upstream main as re-packaged in sal-detectron2==0.7.2 (its
 #         Python sources: the cp310 wheel's compiled _C is left out), with its numpy<2, on top of .venv's
@@ -69,7 +69,7 @@ if [ ${#todo[@]} -eq 0 ]; then
   log "environment is up to date (${WANT[*]}: $VENV$(wants lane && echo ", $LANE"))"
   exit 0
 fi
-log "setting up: ${todo[*]} (the first time on a fresh machine: d2 ~3 min, mm 20-40 min, lane seconds)"
+log "setting up: ${todo[*]} (the first time on a fresh machine: d2 ~2 min, mm 8-20 min, lane seconds)"
 
 if [ ! -x "$PY" ]; then
   log "creating $VENV"
@@ -149,7 +149,7 @@ if wants mm; then
     "${PIP[@]}" install -q "mmengine>=0.10,<1" addict yapf packaging pyyaml pillow
     key=$("$PY" tools/env/patch_sdists.py key mmcv)
     if ! ls "$WHEELS/mmcv-2.1.0-patches-$key"/mmcv-*.whl >/dev/null 2>&1; then
-      log "mmcv 2.1.0 with CPU ops: compiling its C++ ops takes 20-40 minutes on 2 cores (once per machine)"
+      log "mmcv 2.1.0 with CPU ops: compiling its C++ ops takes 8-20 minutes on 2 cores (once per machine)"
     fi
     build_wheel mmcv 2.1.0 mmcv MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
     log "installing $(basename "$wheel")"

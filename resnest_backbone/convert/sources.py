@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from ..core.variants import ALIASES, VARIANTS, get_variant
-from .io import _EXTENSIONS, CheckpointError
+from .io import _EXTENSIONS, CheckpointError, _fsync_folder
 
 CACHE_ENV, MIRROR_ENV, SOURCES_ENV = "RESNEST_CACHE", "RESNEST_WEIGHTS_MIRROR", "RESNEST_WEIGHTS_SOURCES"
 TIMEOUT = 30.0  # seconds without a byte (connect or read) before a source counts as failed
@@ -424,15 +424,6 @@ def _locked(path: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_folder(folder: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 __all__ = ["CACHE_ENV", "MIRROR_ENV", "SOURCES_ENV", "Weights", "WeightsUnavailable", "cached_path",

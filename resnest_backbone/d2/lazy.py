@@ -17,7 +17,6 @@ same hooks), with this project's pieces:
     lazy_main(args)              # train (or --eval-only), what tools/train_net.py runs for a .py config
 """
 import logging
-import os
 from typing import List, Optional
 
 import torch
@@ -25,7 +24,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
@@ -34,7 +32,7 @@ from ..core.dropblock import DropBlock2D
 from .backbone import ResNeStBackbone
 from .checkpoint import SafeDetectionCheckpointer
 from .hooks import ResNeStDropBlockHook
-from .train import CpuDistributedDataParallel, has_fast_coco_eval, resnest_default_setup
+from .train import ddp_model, has_fast_coco_eval, resnest_default_setup
 
 __all__ = ["adapt_lazy_cfg_to_device", "do_test", "do_train", "is_lazy_config", "lazy_dataset_names",
            "lazy_main", "load_lazy_config", "setup_lazy_cfg"]
@@ -149,13 +147,7 @@ def setup_lazy_cfg(args, default_setup_fn=resnest_default_setup):
 
 
 def _ddp(model, cfg):
-    if comm.get_world_size() == 1:
-        return model
-    kwargs = dict(cfg.train.get("ddp") or {})
-    if cfg.train.device == "cpu":  # gloo: no device_ids, and the core's SyncBatchNorm admitted
-        kwargs.pop("fp16_compression", None)
-        return CpuDistributedDataParallel(model, **kwargs)
-    return create_ddp_model(model, **kwargs)
+    return ddp_model(model, on_cpu=cfg.train.device == "cpu", **dict(cfg.train.get("ddp") or {}))
 
 
 def do_test(cfg, model):

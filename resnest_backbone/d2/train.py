@@ -42,7 +42,7 @@ from .resume import ExactResumeMixin, build_resumable_train_loader
 from .hooks import build_dropblock_hook
 from .model_zoo import get_config_file
 
-__all__ = ["CpuDistributedDataParallel", "Trainer", "adapt_cfg_to_device", "build_sem_seg_train_aug",
+__all__ = ["CpuDistributedDataParallel", "Trainer", "adapt_cfg_to_device", "build_sem_seg_train_aug", "ddp_model",
            "default_argument_parser", "get_resnest_cfg", "has_fast_coco_eval", "launch", "resnest_default_setup",
            "setup_cfg"]
 
@@ -124,6 +124,18 @@ class CpuDistributedDataParallel(DistributedDataParallel):
                                  "norm 'SyncBN' in the ResNeSt backbone / FPN or 'naiveSyncBN' in heads on the CPU")
 
 
+def ddp_model(model: nn.Module, on_cpu: bool, **kwargs) -> nn.Module:
+    """The model for training in this process group: itself in one process; in several, detectron2's
+    create_ddp_model on GPUs, CpuDistributedDataParallel on CPU process groups (gloo: no device_ids, no fp16
+    gradient compression)."""
+    if comm.get_world_size() == 1:
+        return model
+    if on_cpu:
+        kwargs.pop("fp16_compression", None)
+        return CpuDistributedDataParallel(model, **kwargs)
+    return create_ddp_model(model, **kwargs)
+
+
 class Trainer(ExactResumeMixin, DefaultTrainer):
     """detectron2's DefaultTrainer (same hooks, writers, evaluation loop) for ResNeSt models.
 
@@ -142,10 +154,7 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        if cfg.MODEL.DEVICE.startswith("cuda") or comm.get_world_size() == 1:
-            model = create_ddp_model(model, broadcast_buffers=False)
-        else:
-            model = CpuDistributedDataParallel(model, broadcast_buffers=False)
+        model = ddp_model(model, on_cpu=not cfg.MODEL.DEVICE.startswith("cuda"), broadcast_buffers=False)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))

@@ -133,7 +133,9 @@ if wants d2; then
     log "installing $(basename "$wheel")"
     "${PIP[@]}" install -q "$wheel"  # with its dependencies (cloudpickle, omegaconf, hydra-core, ...)
     "${PIP[@]}" install -q --force-reinstall --no-deps "$wheel"  # replaces an older build of the same version
-    keep_tools "$("$PY" tools/env/fetch_sdist.py pb1-detectron2 0.6 "$CACHE/sdists")" "$VENV/detectron2-tools"
+    sdist="$CACHE/sdists/pb1-detectron2-0.6.tar.gz"  # verified when downloaded (build_wheel)
+    [ -f "$sdist" ] || sdist=$("$PY" tools/env/fetch_sdist.py pb1-detectron2 0.6 "$CACHE/sdists")
+    keep_tools "$sdist" "$VENV/detectron2-tools"
   fi
   log "installing fvcore, pycocotools, opencv, matplotlib, this project and its test extras"
   "${PIP[@]}" install -q fvcore pycocotools opencv-python-headless matplotlib tqdm

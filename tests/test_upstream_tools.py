@@ -133,3 +133,32 @@ def test_analyze_model(task, expect):
     log = run(tool("analyze_model.py"), "--config-file", "demo_faster_rcnn_resnest.yaml", "--tasks", task,
               "--num-inputs", "1", *TINY)
     assert expect in log
+
+
+class _Payload:
+    """Unpickling this creates `marker` (a crafted checkpoint)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_the_launcher_loads_weights_only_through_the_safe_reader(tmp_path):
+    """Upstream's train_net.py would unpickle MODEL.WEIGHTS with detectron2's DetectionCheckpointer; through
+    the launcher a crafted .pkl is refused, names the file, and runs nothing."""
+    import pickle
+
+    marker, crafted = tmp_path / "payload_ran", tmp_path / "crafted.pkl"
+    with open(crafted, "wb") as f:
+        pickle.dump({"model": _Payload(marker)}, f)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "resnest_backbone.d2.run", tool("train_net.py"), "--config-file",
+                           "demo_faster_rcnn_resnest.yaml", "--eval-only", *TINY, "MODEL.WEIGHTS", str(crafted),
+                           "OUTPUT_DIR", str(tmp_path / "eval")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "crafted.pkl" in output and "refused" in output, output[-3000:]
+    assert not marker.exists()
+

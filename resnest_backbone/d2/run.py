@@ -13,7 +13,8 @@ with `get_cfg()`, so before running TOOL as `__main__` this:
 - imports resnest_backbone.d2, which registers the backbones and the generated demo datasets (resnest_demo_*);
 - adds MODEL.RESNEST.* to detectron2's *default* config, so that the tool's get_cfg() knows the keys (only in
   this process: detectron2 itself is not changed);
-- resolves `--config-file NAME` (or `--config NAME`) to a project config by name when NAME is not a file.
+- resolves `--config-file NAME` (or `--config NAME`) to a project config by name when NAME is not a file;
+- makes the tool load weights through the project's SafeDetectionCheckpointer (never plain unpickling).
 
 LazyConfig files (configs/lazy/*.py) import the plugin themselves, so upstream's lazyconfig_train_net.py runs
 them with or without this launcher. Runs of several processes (`--num-gpus 2`) start fresh interpreters that
@@ -34,6 +35,21 @@ def register_plugin() -> None:
 
     if "RESNEST" not in get_cfg().MODEL:
         add_resnest_config(defaults)
+    _safe_checkpointer()
+
+
+def _safe_checkpointer() -> None:
+    """Upstream's tools load MODEL.WEIGHTS, --resume and --eval-only weights with detectron2's
+    DetectionCheckpointer, which unpickles .pkl files (a crafted file runs code). In this process the name
+    they use is the project's SafeDetectionCheckpointer (a subclass: the one safe reader and the architecture
+    checks), in the two modules the tools take it from."""
+    import detectron2.checkpoint
+    import detectron2.engine.defaults
+
+    from resnest_backbone.d2.checkpoint import SafeDetectionCheckpointer
+
+    for module in (detectron2.checkpoint, detectron2.engine.defaults):
+        module.DetectionCheckpointer = SafeDetectionCheckpointer
 
 
 def _resolve_config_names(argv):

@@ -1,6 +1,7 @@
 """Short real training runs through mmengine's Runner with the demo configs, on a tiny dataset written by the
 test (the project's demo-shapes generator, a few images): train, save a checkpoint, reload it (load_from and
-resume) and evaluate."""
+resume) and evaluate; for the other demo configs (Mask R-CNN, Cascade Mask R-CNN, DeepLabV3+) one training
+step and one evaluation with the real metrics (box and mask AP from COCO's evaluator, mIoU)."""
 import os
 
 import pytest
@@ -26,6 +27,19 @@ def tiny_data(tmp_path_factory):
     return ensure_demo_data(str(tmp_path_factory.mktemp("data")), spec=TINY)
 
 
+def _demo_cfg(name, tiny_data):
+    """A demo config (path under configs/) reading the tiny data set."""
+    cfg = Config.fromfile(os.path.join(ROOT, "configs", name))
+    if cfg.default_scope == "mmdet":
+        root = os.path.join(tiny_data, "det") + os.sep
+        cfg.val_evaluator.ann_file = cfg.test_evaluator.ann_file = root + "annotations/instances_val.json"
+    else:
+        root = os.path.join(tiny_data, "ADEChallengeData2016")
+    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+        loader.dataset.data_root = root
+    return cfg
+
+
 def _short_run(cfg, work_dir, iters):
     cfg.work_dir = str(work_dir)
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters)
@@ -35,6 +49,9 @@ def _short_run(cfg, work_dir, iters):
     cfg.log_processor = dict(by_epoch=False)
     cfg.train_dataloader.batch_size = 2
     cfg.randomness = dict(seed=0)
+    # mmengine keeps one visualizer per name and class for the process: a fresh one writes into this work_dir
+    # (a later runner would otherwise log into an earlier test's deleted folder)
+    cfg.visualizer.name = f"visualizer:{work_dir}"
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None  # evaluation: runner.test() after reloading
     return cfg
 
@@ -68,21 +85,52 @@ def _train_then_reload(cfg, work_dir, iters=2):
 
 
 def test_faster_rcnn_runner_trains_saves_and_reloads(tiny_data, tmp_path):
-    cfg = Config.fromfile(os.path.join(ROOT, "configs", "mmdet", "faster-rcnn_resnest14d_fpn_demo.py"))
-    det = os.path.join(tiny_data, "det") + os.sep
-    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
-        loader.dataset.data_root = det
-    cfg.val_evaluator.ann_file = cfg.test_evaluator.ann_file = det + "annotations/instances_val.json"
+    cfg = _demo_cfg("mmdet/faster-rcnn_resnest14d_fpn_demo.py", tiny_data)
     metrics = _train_then_reload(cfg, tmp_path / "det")
     assert "coco/bbox_mAP" in metrics and metrics["coco/bbox_mAP"] >= 0
 
 
 def test_deeplabv3_runner_trains_saves_and_reloads(tiny_data, tmp_path):
-    cfg = Config.fromfile(os.path.join(ROOT, "configs", "mmseg", "deeplabv3_resnest14d-d8_demo.py"))
-    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
-        loader.dataset.data_root = os.path.join(tiny_data, "ADEChallengeData2016")
+    cfg = _demo_cfg("mmseg/deeplabv3_resnest14d-d8_demo.py", tiny_data)
     metrics = _train_then_reload(cfg, tmp_path / "seg")
     assert 0 <= metrics["mIoU"] <= 100
+
+
+def _train_one_step_and_evaluate(cfg, work_dir, loss_keys):
+    runner = Runner.from_cfg(_short_run(cfg.copy(), work_dir, 1))
+    runner.train()
+    assert runner.iter == 1
+    logged = runner.message_hub.log_scalars
+    for key in ("train/loss",) + tuple(f"train/{k}" for k in loss_keys):
+        assert key in logged, (key, sorted(logged))
+        assert all(torch.isfinite(torch.tensor(v)) for v in logged[key].data[0]), key
+    # the optimizer took its step: SGD momentum for the backbone's split attention and every head
+    optimizer = runner.optim_wrapper.optimizer
+    stepped = {name for name, p in runner.model.named_parameters() if "momentum_buffer" in optimizer.state.get(p, {})}
+    assert "backbone.layer3.0.conv2.fc1.weight" in stepped
+    heads = {name.split(".")[0] if not name.startswith("roi_head") else ".".join(name.split(".")[:2])
+             for name, p in runner.model.named_parameters() if p.requires_grad}
+    assert heads <= {name.split(".")[0] if not name.startswith("roi_head") else ".".join(name.split(".")[:2])
+                     for name in stepped}, heads
+    return runner.test()
+
+
+@pytest.mark.parametrize("name,cascade", [("mask-rcnn_resnest14d_fpn_demo.py", False),
+                                          ("cascade-mask-rcnn_resnest14d_fpn_demo.py", True)])
+def test_mask_models_train_one_step_and_evaluate_box_and_mask_ap(tiny_data, tmp_path, name, cascade):
+    cfg = _demo_cfg(f"mmdet/{name}", tiny_data)
+    losses = ("s0.loss_mask", "s2.loss_bbox", "loss_rpn_cls") if cascade else ("loss_mask", "loss_bbox", "loss_rpn_cls")
+    metrics = _train_one_step_and_evaluate(cfg, tmp_path, losses)
+    # COCO's evaluator (pycocotools) on the val annotations, boxes and masks
+    for key in ("coco/bbox_mAP", "coco/bbox_mAP_50", "coco/segm_mAP", "coco/segm_mAP_50"):
+        assert 0 <= metrics[key] <= 1, (key, metrics)
+
+
+def test_deeplabv3plus_trains_one_step_and_evaluates_miou(tiny_data, tmp_path):
+    cfg = _demo_cfg("mmseg/deeplabv3plus_resnest14d-d8_demo.py", tiny_data)
+    metrics = _train_one_step_and_evaluate(cfg, tmp_path, ("decode.loss_ce", "aux.loss_ce"))
+    assert set(metrics) == {"aAcc", "mIoU", "mAcc"}
+    assert all(0 <= v <= 100 for v in metrics.values()), metrics
 
 
 def test_mmengine_checkpoint_loader_stays_weights_only(tmp_path):

@@ -104,14 +104,18 @@ def _train_one_step_and_evaluate(cfg, work_dir, loss_keys):
     for key in ("train/loss",) + tuple(f"train/{k}" for k in loss_keys):
         assert key in logged, (key, sorted(logged))
         assert all(torch.isfinite(torch.tensor(v)) for v in logged[key].data[0]), key
-    # the optimizer took its step: SGD momentum for the backbone's split attention and every head
+    # the optimizer took its step: SGD momentum for the backbone's split attention and in every part of the
+    # model that trains (backbone, neck, rpn_head, roi_head.bbox_head, roi_head.mask_head, decode_head, ...)
     optimizer = runner.optim_wrapper.optimizer
-    stepped = {name for name, p in runner.model.named_parameters() if "momentum_buffer" in optimizer.state.get(p, {})}
+    params = dict(runner.model.named_parameters())
+    stepped = {name for name, p in params.items() if "momentum_buffer" in optimizer.state.get(p, {})}
     assert "backbone.layer3.0.conv2.fc1.weight" in stepped
-    heads = {name.split(".")[0] if not name.startswith("roi_head") else ".".join(name.split(".")[:2])
-             for name, p in runner.model.named_parameters() if p.requires_grad}
-    assert heads <= {name.split(".")[0] if not name.startswith("roi_head") else ".".join(name.split(".")[:2])
-                     for name in stepped}, heads
+
+    def part(name):
+        return ".".join(name.split(".")[:2 if name.startswith("roi_head.") else 1])
+
+    trainable = {part(name) for name, p in params.items() if p.requires_grad}
+    assert len(trainable) >= 3 and trainable == {part(name) for name in stepped}, trainable
     return runner.test()
 
 
@@ -119,7 +123,8 @@ def _train_one_step_and_evaluate(cfg, work_dir, loss_keys):
                                           ("cascade-mask-rcnn_resnest14d_fpn_demo.py", True)])
 def test_mask_models_train_one_step_and_evaluate_box_and_mask_ap(tiny_data, tmp_path, name, cascade):
     cfg = _demo_cfg(f"mmdet/{name}", tiny_data)
-    losses = ("s0.loss_mask", "s2.loss_bbox", "loss_rpn_cls") if cascade else ("loss_mask", "loss_bbox", "loss_rpn_cls")
+    stages = ("s0.", "s1.", "s2.") if cascade else ("",)  # a cascade logs each stage's losses
+    losses = ("loss_rpn_cls", "loss_rpn_bbox") + tuple(f"{s}{k}" for s in stages for k in ("loss_bbox", "loss_mask"))
     metrics = _train_one_step_and_evaluate(cfg, tmp_path, losses)
     # COCO's evaluator (pycocotools) on the val annotations, boxes and masks
     for key in ("coco/bbox_mAP", "coco/bbox_mAP_50", "coco/segm_mAP", "coco/segm_mAP_50"):

@@ -96,7 +96,7 @@ def random_heads_message(parts: Sequence[str], count: int, trunk_filled: bool, s
     shown = "" if parts == ["the whole model"] else ", ".join(parts[:12]) + (
         f" ... ({len(parts) - 12} more)" if len(parts) > 12 else "")
     message = ("!!! RANDOM HEADS: the model is being evaluated untrained. " + what + shown
-               + f" ({count} parameter tensors outside the trunk). Its predictions are meaningless (about 0 AP / "
+               + f" ({count} tensors outside the trunk). Its predictions are meaningless (about 0 AP / "
                "mIoU). " + advice + f" [{SILENCE_ENV}={RANDOM_HEADS} silences this]")
     return message
 
@@ -118,7 +118,9 @@ def input_problems(rows: Iterable[Tuple[str, object, object]]) -> List[str]:
     for key, value, expected in rows:
         if value is None:
             continue
-        if isinstance(expected, str):
+        if isinstance(expected, bool):
+            wrong = bool(value) != expected
+        elif isinstance(expected, str):
             wrong = str(value).upper() != expected.upper()
         else:
             value = [float(v) for v in value]
@@ -143,6 +145,8 @@ def check_input(rows: Iterable[Tuple[str, object, object]], source: str, log: Lo
 
 
 def _show(value) -> str:
+    if isinstance(value, bool):
+        return str(value)
     if isinstance(value, str):
         return repr(value)
     return "[" + ", ".join(f"{v:g}" for v in value) + "]"

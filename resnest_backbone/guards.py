@@ -10,7 +10,8 @@ forward in eval mode (evaluation, inference), and never when a forward in traini
 
 Input format. ResNeSt weights were trained on RGB images normalised with the ImageNet mean and std in 0-255
 scale (RESNEST_INPUT). detectron2's defaults are BGR with Caffe's mean and std 1, so a config that does not
-set them feeds the network inputs it never saw (NaN losses or poor results, no error). When a load fills a
+set them feeds the network inputs it never saw (no error; the anchors' trackers report NaN losses and
+poor results). When a load fills a
 ResNeSt trunk, the adapters `check_input` the config (its own key names) and warn with the values to set.
 
 Both go through the framework's logger as warnings (logging, the project's convention): detectron2's (its
@@ -138,8 +139,8 @@ def check_input(rows: Iterable[Tuple[str, object, object]], source: str, log: Lo
         return False
     log(f"!!! INPUT FORMAT: {source} holds ResNeSt weights trained on "
         + (expected_from or "RGB images normalised with the ImageNet mean/std in 0-255 scale")
-        + ", but this config gives them other input (no error, just wrong features: NaN losses or poor "
-        "results). Set:\n  " + "\n  ".join(problems) + f"\n[{SILENCE_ENV}={INPUT_FORMAT} silences this, e.g. "
+        + ", but this config gives them other input (no error is raised: the weights see inputs they were never "
+        "trained on). Set:\n  " + "\n  ".join(problems) + f"\n[{SILENCE_ENV}={INPUT_FORMAT} silences this, e.g. "
         "for weights you trained yourself on this input]")
     return True
 
@@ -156,5 +157,6 @@ def logger_log(logger: logging.Logger) -> Log:
     return lambda message: logger.warning(message)
 
 
-__all__ = ["INPUT_FORMAT", "INPUT_KEY", "RANDOM_HEADS", "RESNEST_INPUT", "SILENCE_ENV", "TOLERANCE", "arm_random_heads",
-           "armed", "check_input", "disarm", "input_problems", "logger_log", "random_heads_message", "random_parts", "silenced"]
+__all__ = ["INPUT_FORMAT", "INPUT_KEY", "RANDOM_HEADS", "RESNEST_INPUT", "SILENCE_ENV", "TOLERANCE",
+           "arm_random_heads", "armed", "check_input", "disarm", "input_problems", "logger_log",
+           "random_heads_message", "random_parts", "silenced"]

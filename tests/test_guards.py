@@ -216,6 +216,13 @@ def test_train_net_warns_for_an_imagenet_trunk_evaluated_and_not_when_trained(tr
                      str(tmp_path / "trunk"))
     assert out.count(HEADS) == 1 and "filled only the ResNeSt trunk" in out, out[-4000:]
     assert "INPUT.FORMAT is 'BGR': set 'RGB'" in out
+    assert _box_ap(out) < 1.0  # what the warning says: random heads, AP about 0
+
+
+def _box_ap(output):
+    lines = output.splitlines()
+    at = next(i for i, line in enumerate(lines) if "copypaste: Task: bbox" in line)
+    return float(lines[at + 2].split("copypaste:")[1].split(",")[0])
 
 
 # ---------------------------------------------------------------------------------------- mmdet, in-process

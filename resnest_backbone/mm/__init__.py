@@ -49,5 +49,6 @@ REGISTERED_IN = _register()
 HOOKS_REGISTERED_IN = register_hooks()  # ResNeStDropBlockHook: mmengine's HOOKS, and mmdet's / mmseg's
 allow_mmengine_checkpoints()
 
-__all__ = ["ExactResumeHook", "HOOKS_REGISTERED_IN", "REGISTERED_IN", "REGISTRY_NAME", "ResNeStDropBlockHook", "ResNeStInputCheckHook",
-           "ResNeStSA", "allow_mmengine_checkpoints", "check_mm_input", "mm_norm", "register_hooks"]
+__all__ = ["ExactResumeHook", "HOOKS_REGISTERED_IN", "REGISTERED_IN", "REGISTRY_NAME", "ResNeStDropBlockHook",
+           "ResNeStInputCheckHook", "ResNeStSA", "allow_mmengine_checkpoints", "check_mm_input", "mm_norm",
+           "register_hooks"]

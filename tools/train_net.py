@@ -44,8 +44,8 @@ def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
-                                                                                 resume=args.resume)
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR, config=cfg).resume_or_load(cfg.MODEL.WEIGHTS,
+                                                                                             resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

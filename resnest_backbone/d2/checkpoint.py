@@ -23,9 +23,16 @@ half a trunk, and never leaves a half-written checkpoint. A thin shell over resn
   renamed over the target; `last_checkpoint` likewise. The trunk's architecture record is saved with it.
   A run killed at any moment leaves the previous checkpoint and tag intact (stray `*.tmp` files are never
   picked up: detectron2 only lists `*.pth`).
+- The two classic mistakes (resnest_backbone.guards): a load that leaves detector heads at their random
+  initialisation (an ImageNet trunk given for evaluation; decided from the keys the load filled against the
+  model's) warns at the first forward in eval mode, unless training comes first; a load that fills the
+  ResNeSt trunk checks the run's input format and mean/std (`config=`: the yacs or LazyConfig config, whose
+  key names the warning gives; without it, the model's pixel_mean / pixel_std / input_format) against what
+  the weights were trained on (RGB, ImageNet mean/std; or what a checkpoint of this project records).
 """
+import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, urlparse
 
 import torch
@@ -38,13 +45,24 @@ from ..convert.io import (CheckpointError, _unwrap, atomic_write, read_checkpoin
 from ..convert.load import LoadReport, compare_with_model, detected_variants, mismatch_error
 from ..convert.naming import OFFICIAL, detect_naming
 from ..convert.sources import resolve_checkpoint
+from ..guards import INPUT_KEY, RESNEST_INPUT, arm_random_heads, check_input, logger_log, random_parts
 
 _TRUNK_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")
 _OVERRIDE = "set checkpointer.strict_backbone = False to load it anyway"
+# detectron2's logger (console and log.txt once setup_logger has run)
+_GUARD_LOG = logger_log(logging.getLogger("detectron2.resnest_backbone"))
+_ADVICE = ("Train first (such a file is the right MODEL.WEIGHTS / train.init_checkpoint to train from), or "
+           "evaluate a trained detector: MODEL.WEIGHTS (yaml) / train.init_checkpoint (LazyConfig) = e.g. "
+           "OUTPUT_DIR/model_final.pth.")
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):
     strict_backbone = True  # refuse checkpoints that do not fit the ResNeSt trunk completely
+
+    def __init__(self, model, save_dir: str = "", *, config=None, **kwargs):
+        """config: the run's config (yacs CfgNode or LazyConfig), read for the input-format check."""
+        super().__init__(model, save_dir, **kwargs)
+        self.config = config
 
     def load(self, path: str, *args, **kwargs):
         """detectron2's load, plus `?matching_heuristics=True` on every detectron2 line, variant names
@@ -62,7 +80,10 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         if path:
             path = resolve_checkpoint(path)[0]  # a variant name (MODEL.WEIGHTS resnest50): the verified file
         try:
-            return super().load(path, *args, **kwargs)
+            out = super().load(path, *args, **kwargs)
+            if not path:  # detectron2: "No checkpoint found. Initializing model from scratch"
+                self._guard(set(), source="no checkpoint (MODEL.WEIGHTS / train.init_checkpoint empty)")
+            return out
         finally:
             self._heuristics = False
             if getattr(self, "_parsed_url_during_load", None) is not None:
@@ -160,7 +181,29 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 self.logger.info(f"{self._loading}: " + report.lines()[-1])
             check_arch(self._loading, getattr(self, "_evidence", None), module.weight_arch(),
                        where=f"the model's ResNeSt trunk '{trunk or 'model'}'", override=_OVERRIDE)
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        filled = {n for n, _ in self.model.named_parameters()} - set(incompatible.missing_keys)
+        self._guard(filled, getattr(self, "_loading", "the checkpoint"), checkpoint.get(INPUT_KEY))
+        return incompatible
+
+    def _guard(self, filled, source: str, recorded_input: Optional[dict] = None) -> None:
+        """The two warnings of resnest_backbone.guards for a load that filled the parameters `filled`."""
+        found = self._trunk()
+        trunk = found[0] if found is not None else None
+        unfilled = {n for n, _ in self.model.named_parameters()} - set(filled)
+        parts, count = random_parts(self.model, unfilled, trunk)
+        parts = [p[len("module."):] if p.startswith("module.") else p for p in parts]
+        trunk_filled = found is not None and any(
+            (trunk + "." + n if trunk else n) in filled for n, _ in found[1].named_parameters())
+        arm_random_heads(_unwrap_model(self.model), lambda: (parts, count, trunk_filled), source, _ADVICE,
+                         _GUARD_LOG)
+        if trunk_filled:
+            expected, origin = RESNEST_INPUT, ""
+            if isinstance(recorded_input, dict) and set(RESNEST_INPUT) <= set(recorded_input):
+                expected = recorded_input
+                origin = (f"the input its training recorded ({expected['format']}, mean {expected['pixel_mean']}, "
+                          f"std {expected['pixel_std']})")
+            check_input(_input_rows(_unwrap_model(self.model), self.config, expected), source, _GUARD_LOG, origin)
 
     def _check_trunk(self, weights: Dict[str, torch.Tensor], trunk: str) -> LoadReport:
         """Every trunk tensor present with the model's shape, nothing extra in the trunk; else refuse.
@@ -185,6 +228,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         trunk = self._trunk()
         if trunk is not None:
             data[RECORD_KEY] = model_record(trunk[1])
+            current = _current_input(_unwrap_model(self.model), self.config)
+            if current is not None:
+                data[INPUT_KEY] = current
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -205,6 +251,50 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 f.write(last_filename_basename)
 
         atomic_write(os.path.join(self.save_dir, "last_checkpoint"), write, force=True)
+
+
+def _unwrap_model(model):
+    return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                                               torch.nn.DataParallel)) else model
+
+
+def _buffer(model, name) -> Optional[List[float]]:
+    value = getattr(model, name, None)
+    return [float(v) for v in value.flatten()] if isinstance(value, torch.Tensor) else None
+
+
+def _input_rows(model, config, expected: dict) -> List[Tuple[str, object, object]]:
+    """(config key, value, expected) for the input format and mean/std of a run: from a yacs config (INPUT.FORMAT,
+    MODEL.PIXEL_MEAN/STD), a LazyConfig (model.pixel_mean/std, model.input_format, the data loaders' mapper
+    image_format), or without a config from the model (pixel_mean / pixel_std buffers, input_format)."""
+    fmt, mean, std = expected["format"], expected["pixel_mean"], expected["pixel_std"]
+    if config is not None and hasattr(config, "INPUT") and hasattr(config, "MODEL"):  # yacs
+        return [("INPUT.FORMAT", config.INPUT.FORMAT, fmt), ("MODEL.PIXEL_MEAN", config.MODEL.PIXEL_MEAN, mean),
+                ("MODEL.PIXEL_STD", config.MODEL.PIXEL_STD, std)]
+    if config is not None:  # LazyConfig
+        from omegaconf import OmegaConf
+
+        def get(key):
+            value = OmegaConf.select(config, key, default=None)
+            return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+        return [(key, get(key), want) for key, want in (
+            ("model.pixel_mean", mean), ("model.pixel_std", std), ("model.input_format", fmt),
+            ("dataloader.train.mapper.image_format", fmt), ("dataloader.test.mapper.image_format", fmt))]
+    return [("MODEL.PIXEL_MEAN / model.pixel_mean", _buffer(model, "pixel_mean"), mean),
+            ("MODEL.PIXEL_STD / model.pixel_std", _buffer(model, "pixel_std"), std),
+            ("INPUT.FORMAT / model.input_format", getattr(model, "input_format", None), fmt)]
+
+
+def _current_input(model, config) -> Optional[dict]:
+    """The input a run trains on (format, pixel_mean, pixel_std), recorded in its checkpoints; None if unknown."""
+    rows = {key.split(" ")[0]: value for key, value, _ in _input_rows(model, config, RESNEST_INPUT)}
+    fmt = rows.get("INPUT.FORMAT") or rows.get("dataloader.train.mapper.image_format") or rows.get(
+        "model.input_format")
+    mean, std = _buffer(model, "pixel_mean"), _buffer(model, "pixel_std")
+    if not isinstance(fmt, str) or mean is None or std is None:
+        return None
+    return {"format": fmt, "pixel_mean": mean, "pixel_std": std}
 
 
 def _is_trunk_key(key: str) -> bool:

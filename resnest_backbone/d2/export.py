@@ -32,7 +32,7 @@ def build_detectron2_model(config_file: str, opts: Sequence[str] = (), fuse: boo
     cfg.freeze()
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # safe reader + architecture checks
+        SafeDetectionCheckpointer(model, config=cfg).load(cfg.MODEL.WEIGHTS)  # safe reader, architecture, guards
     if fuse:
         model = fuse_model(model, inplace=True)
     return cfg, model

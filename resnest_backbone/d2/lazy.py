@@ -191,7 +191,7 @@ def do_train(args, cfg):
     model = _ddp(model, cfg)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
     # The trainer's state holds the optimizer (SimpleTrainer.state_dict), the iteration and the LR scheduler.
-    checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, config=cfg, trainer=trainer)
     results = {}
 
     def test_and_keep():
@@ -224,7 +224,7 @@ def lazy_main(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = _ddp(model, cfg)
-        SafeDetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+        SafeDetectionCheckpointer(model, save_dir=cfg.train.output_dir, config=cfg).resume_or_load(
             cfg.train.init_checkpoint, resume=args.resume)
         return do_test(cfg, model)
     return do_train(args, cfg)

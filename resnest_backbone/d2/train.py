@@ -157,7 +157,8 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
         model = ddp_model(model, on_cpu=not cfg.MODEL.DEVICE.startswith("cuda"), broadcast_buffers=False)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, config=cfg,
+                                                      trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

@@ -15,7 +15,7 @@ import importlib.util
 
 from .backbone import ResNeStSA, mm_norm
 from .compat import allow_mmengine_checkpoints
-from .hooks import ResNeStDropBlockHook, register_hooks
+from .hooks import ResNeStDropBlockHook, ResNeStInputCheckHook, check_mm_input, register_hooks
 from .resume import ExactResumeHook  # noqa: E402  (registers ExactResumeHook)
 
 REGISTRY_NAME = "ResNeStSA"
@@ -49,5 +49,6 @@ REGISTERED_IN = _register()
 HOOKS_REGISTERED_IN = register_hooks()  # ResNeStDropBlockHook: mmengine's HOOKS, and mmdet's / mmseg's
 allow_mmengine_checkpoints()
 
-__all__ = ["ExactResumeHook", "HOOKS_REGISTERED_IN", "REGISTERED_IN", "REGISTRY_NAME", "ResNeStDropBlockHook", "ResNeStSA",
-           "allow_mmengine_checkpoints", "mm_norm", "register_hooks"]
+__all__ = ["ExactResumeHook", "HOOKS_REGISTERED_IN", "REGISTERED_IN", "REGISTRY_NAME", "ResNeStDropBlockHook",
+           "ResNeStInputCheckHook", "ResNeStSA", "allow_mmengine_checkpoints", "check_mm_input", "mm_norm",
+           "register_hooks"]

@@ -29,6 +29,7 @@ from ..convert.load import LoadReport, compare_with_model, detected_variants, ma
 from ..convert.naming import MMDET
 from ..convert.sources import looks_like_name, resolve_checkpoint
 from ..core import STAGE_NAMES, ResNeSt, SyncBatchNorm, get_variant, stem_out_channels
+from ..guards import arm_random_heads
 
 # mmcv names a GroupNorm `gn{postfix}` where BN is `bn{postfix}`: mmdet/mmseg GN checkpoints of ResNeSt
 # carry layerN.j.gn1 / .gn3 / .conv2.gn0 / .conv2.gn1 where our (official) names are bn*.
@@ -222,10 +223,12 @@ class ResNeStSA(ResNeSt, BaseModule):
     # resume otherwise copies what fits and only logs the rest). False: torch's / mmengine's own semantics.
     strict_trunk = True
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
         """Accept mmdet/mmseg-named weights (stem.*, GN's gn*) by renaming them to ours before loading, and
         refuse a partial or wrong-shape trunk before anything of it is copied; runs before the submodules
-        load, so whole-model loads (Runner load_from/resume) get both."""
+        load, so whole-model loads (Runner load_from/resume) get both. In a whole-model load (a prefix such
+        as `backbone.`), the model's keys the load left missing decide the random-heads warning
+        (resnest_backbone.guards), given at the first forward in eval mode unless training comes first."""
         keys = [k for k in state_dict if k.startswith(prefix)]
         own = self.state_dict() if keys else {}  # a load that brings no trunk tensor needs neither step
         if any(k.startswith(prefix + "stem.") or ".gn" in k for k in keys):
@@ -242,7 +245,11 @@ class ResNeStSA(ResNeSt, BaseModule):
                 raise mismatch_error(f"the state_dict loaded into '{prefix.rstrip('.') or 'model'}'",
                                      f"ResNeStSA({self.variant})", report,
                                      hint="set ResNeStSA.strict_trunk = False to load it partially")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+        if prefix:  # the list of missing keys is complete once the whole model has loaded: read it then
+            filled = bool(keys)
+            arm_random_heads(self, lambda: _missing_parts(prefix, missing_keys, filled),
+                             "the checkpoint loaded into the model", _MM_ADVICE, _mm_log)
 
     def init_weights(self) -> None:
         """mmengine entry point: `Pretrained` init_cfg entries are loaded here, safely and with a report;
@@ -282,6 +289,24 @@ class ResNeStSA(ResNeSt, BaseModule):
         level = logging.INFO if report.complete else logging.WARNING
         print_log("ResNeStSA init_cfg Pretrained: " + "\n".join(report.lines()), logger="current", level=level)
         return report
+
+
+_MM_ADVICE = ("Train first, with backbone-only weights in model.backbone.init_cfg=dict(type='Pretrained', "
+              "checkpoint=...) (load_from and the test checkpoint are matched to the whole model by exact key), or "
+              "test a trained detector / segmentor checkpoint.")
+
+
+def _mm_log(message: str) -> None:
+    print_log(message, logger="current", level=logging.WARNING)
+
+
+def _missing_parts(prefix: str, missing_keys, trunk_filled: bool):
+    """(parts, count, trunk_filled) for guards: the model's top-level parts with keys a load left missing."""
+    outside = [k for k in missing_keys if not k.startswith(prefix) and not k.endswith("num_batches_tracked")]
+    parts = list(dict.fromkeys(k.split(".")[0] for k in outside))
+    if parts and not trunk_filled:
+        parts.insert(0, prefix.rstrip("."))
+    return parts, len(outside), trunk_filled
 
 
 def _is_pretrained(cfg) -> bool:

@@ -1,11 +1,15 @@
-"""mmengine hook that ramps ResNeSt's DropBlock linearly over training (the official recipe).
+"""mmengine hooks: ResNeStDropBlockHook ramps ResNeSt's DropBlock linearly over training (the official recipe);
+ResNeStInputCheckHook warns when ResNeSt weights meet a data_preprocessor that is not RGB with the ImageNet
+mean/std (resnest_backbone.guards).
 
     custom_imports = dict(imports=['resnest_backbone.mm'], allow_failed_imports=False)
     model = dict(backbone=dict(type='ResNeStSA', ..., dropblock_prob=0.1))
     custom_hooks = [dict(type='ResNeStDropBlockHook', ramp_iters=0)]   # 0: over the whole training
 
-Importing resnest_backbone.mm registers it (register_hooks) as `ResNeStDropBlockHook` in mmengine's HOOKS and
-in mmdet's / mmseg's HOOKS where installed. This module imports only mmengine (and torch).
+    custom_hooks = [dict(type='ResNeStInputCheckHook')]
+
+Importing resnest_backbone.mm registers both (register_hooks) in mmengine's HOOKS and in mmdet's / mmseg's
+HOOKS where installed. This module imports only mmengine (and torch).
 """
 import importlib
 import importlib.util
@@ -19,8 +23,10 @@ from mmengine.registry import HOOKS
 from ..core.dropblock import DropBlockScheduler, check_ramp
 
 HOOK_NAME = "ResNeStDropBlockHook"
+INPUT_HOOK_NAME = "ResNeStInputCheckHook"
 
-__all__ = ["HOOK_NAME", "ResNeStDropBlockHook", "register_hook", "register_hooks"]
+__all__ = ["HOOK_NAME", "INPUT_HOOK_NAME", "ResNeStDropBlockHook", "ResNeStInputCheckHook", "check_mm_input",
+           "register_hook", "register_hooks"]
 
 
 class ResNeStDropBlockHook(Hook):
@@ -70,6 +76,46 @@ class ResNeStDropBlockHook(Hook):
         return self.scheduler.current if self.scheduler is not None else []
 
 
+def check_mm_input(model, pretrained: bool = False) -> bool:
+    """resnest_backbone.guards' input-format check for an mmdet/mmseg model with a ResNeStSA backbone: warn (through
+    mmengine's current logger) when ResNeSt weights are loaded (`pretrained`, or a backbone init_cfg Pretrained)
+    and model.data_preprocessor is not RGB with the ImageNet mean/std. Returns whether it warned."""
+    from mmengine.logging import print_log
+
+    from ..guards import RESNEST_INPUT, check_input
+    from .backbone import ResNeStSA, _is_pretrained
+
+    model = model.module if is_model_wrapper(model) else model
+    backbones = [m for m in model.modules() if isinstance(m, ResNeStSA)]
+    if not backbones:
+        return False
+    init = [c for m in backbones for c in (m.init_cfg if isinstance(m.init_cfg, list) else [m.init_cfg])
+            if _is_pretrained(c)]
+    preprocessor = getattr(model, "data_preprocessor", None)
+    if not (pretrained or init) or preprocessor is None:
+        return False
+    normalised = getattr(preprocessor, "_enable_normalize", False)
+    mean = [float(v) for v in preprocessor.mean.flatten()] if normalised else [0.0, 0.0, 0.0]
+    std = [float(v) for v in preprocessor.std.flatten()] if normalised else [1.0, 1.0, 1.0]
+    rows = [("model.data_preprocessor.mean", mean, RESNEST_INPUT["pixel_mean"]),
+            ("model.data_preprocessor.std", std, RESNEST_INPUT["pixel_std"]),
+            ("model.data_preprocessor.bgr_to_rgb", getattr(preprocessor, "_channel_conversion", False), True)]
+    source = init[0]["checkpoint"] if init else "load_from"
+    return check_input(rows, str(source), lambda m: print_log(m, logger="current", level=logging.WARNING))
+
+
+class ResNeStInputCheckHook(Hook):
+    """Before the run, check_mm_input(runner.model) when ResNeSt weights are loaded (a backbone init_cfg
+    Pretrained, or load_from / the test checkpoint):
+
+        custom_hooks = [dict(type='ResNeStInputCheckHook')]"""
+
+    priority = "VERY_HIGH"
+
+    def before_run(self, runner) -> None:
+        check_mm_input(runner.model, pretrained=bool(getattr(runner, "_load_from", None)))
+
+
 def register_hook(name: str, hook: type) -> List[str]:
     """Register `hook` as `name` in mmengine's HOOKS and in mmdet's / mmseg's HOOKS where they import;
     returns where."""
@@ -90,5 +136,6 @@ def register_hook(name: str, hook: type) -> List[str]:
 
 
 def register_hooks() -> List[str]:
-    """Register ResNeStDropBlockHook (see register_hook)."""
+    """Register ResNeStDropBlockHook and ResNeStInputCheckHook (see register_hook)."""
+    register_hook(INPUT_HOOK_NAME, ResNeStInputCheckHook)
     return register_hook(HOOK_NAME, ResNeStDropBlockHook)

@@ -81,6 +81,8 @@ def test_configs_equal_openmmlab_resnest_configs_but_the_backbone(package, name,
     ref_path = os.path.join(get_installed_path(package), ".mim", "configs", "resnest", reference)
     ref = _plain(Config.fromfile(ref_path).to_dict())
     assert ours.pop("custom_imports") == dict(imports=["resnest_backbone.mm"], allow_failed_imports=False)
+    assert ours.pop("custom_hooks") == [dict(type="ResNeStInputCheckHook")]  # guards.py: input-format warning
+    assert "custom_hooks" not in ref
     backbone, ref_backbone = ours["model"].pop("backbone"), ref["model"].pop("backbone")
     if package == "mmseg":
         # mmseg's ResNeSt configs keep ResNet's input statistics and load weights through `pretrained`; ours use

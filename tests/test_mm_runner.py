@@ -173,3 +173,39 @@ def test_mmengine_checkpoint_loader_stays_weights_only(tmp_path):
         torch.save({"state_dict": {}, "x": bad}, path)
         with pytest.raises(Exception, match="getattr|Unsupported global|print"):
             CheckpointLoader.load_checkpoint(str(path), map_location="cpu")
+
+
+@pytest.mark.parametrize("name", ["mmdet/mask-rcnn_resnest14d_fpn_demo.py", "mmseg/deeplabv3plus_resnest14d-d8_demo.py"])
+def test_shipped_configs_check_the_input_format_before_the_run(tiny_data, tmp_path, name):
+    """The configs carry ResNeStInputCheckHook: a Runner built from one, given ResNeSt weights (load_from) and
+    BGR input, warns before the run naming the data_preprocessor key; with the shipped RGB settings it does not."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    from resnest_backbone.mm import ResNeStInputCheckHook
+
+    class Captured(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    texts = []
+    for bgr_to_rgb in (True, False):
+        cfg = _short_run(_demo_cfg(name, tiny_data), tmp_path / str(bgr_to_rgb), 1)
+        cfg.model.data_preprocessor.bgr_to_rgb = bgr_to_rgb
+        cfg.load_from = str(tmp_path / "resnest14d_trained.pth")  # read only after before_run
+        runner = Runner.from_cfg(cfg)
+        assert any(isinstance(h, ResNeStInputCheckHook) for h in runner.hooks)
+        handler = Captured()
+        MMLogger.get_current_instance().addHandler(handler)
+        try:
+            runner.call_hook("before_run")
+        finally:
+            MMLogger.get_current_instance().removeHandler(handler)
+        texts.append("\n".join(handler.lines))
+    assert "INPUT FORMAT" not in texts[0]
+    assert "model.data_preprocessor.bgr_to_rgb is False: set True" in texts[1]

@@ -10,6 +10,8 @@ _base_ = 'mmdet::cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py'
 
 # Registers the `ResNeStSA` backbone in mmdet's (and mmseg's) MODELS.
 custom_imports = dict(imports=['resnest_backbone.mm'], allow_failed_imports=False)
+# Warns before the run when ResNeSt weights meet BGR input or another mean/std (resnest_backbone/guards.py).
+custom_hooks = [dict(type='ResNeStInputCheckHook')]
 
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(

@@ -10,6 +10,8 @@ _base_ = 'mmseg::deeplabv3plus/deeplabv3plus_r50-d8_4xb4-160k_ade20k-512x512.py'
 
 # Registers the `ResNeStSA` backbone in mmseg's (and mmdet's) MODELS.
 custom_imports = dict(imports=['resnest_backbone.mm'], allow_failed_imports=False)
+# Warns before the run when ResNeSt weights meet BGR input or another mean/std (resnest_backbone/guards.py).
+custom_hooks = [dict(type='ResNeStInputCheckHook')]
 
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(

@@ -76,6 +76,15 @@ class ResNeStDropBlockHook(Hook):
         return self.scheduler.current if self.scheduler is not None else []
 
 
+def _flips_channels(preprocessor) -> bool:
+    """Whether an mmengine/mmdet data preprocessor (`_channel_conversion`) or mmseg's SegDataPreProcessor
+    (`channel_conversion`) swaps the channel order (bgr_to_rgb or rgb_to_bgr)."""
+    for name in ("_channel_conversion", "channel_conversion"):
+        if hasattr(preprocessor, name):
+            return bool(getattr(preprocessor, name))
+    return False
+
+
 def check_mm_input(model, pretrained: bool = False) -> bool:
     """resnest_backbone.guards' input-format check for an mmdet/mmseg model with a ResNeStSA backbone: warn (through
     mmengine's current logger) when ResNeSt weights are loaded (`pretrained`, or a backbone init_cfg Pretrained)
@@ -99,7 +108,7 @@ def check_mm_input(model, pretrained: bool = False) -> bool:
     std = [float(v) for v in preprocessor.std.flatten()] if normalised else [1.0, 1.0, 1.0]
     rows = [("model.data_preprocessor.mean", mean, RESNEST_INPUT["pixel_mean"]),
             ("model.data_preprocessor.std", std, RESNEST_INPUT["pixel_std"]),
-            ("model.data_preprocessor.bgr_to_rgb", getattr(preprocessor, "_channel_conversion", False), True)]
+            ("model.data_preprocessor.bgr_to_rgb", _flips_channels(preprocessor), True)]
     source = init[0]["checkpoint"] if init else "load_from"
     return check_input(rows, str(source), lambda m: print_log(m, logger="current", level=logging.WARNING))
 

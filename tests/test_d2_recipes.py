@@ -91,6 +91,10 @@ def test_recipe_trains_one_step_and_evaluates(config, tmp_path, one_thread):
     raw = get_resnest_cfg()
     raw.merge_from_file(os.path.join(REPO, "configs", config))
     assert raw.TEST.PRECISE_BN.ENABLED and raw.INPUT.MIN_SIZE_TRAIN[0] == 640 and raw.INPUT.MIN_SIZE_TRAIN[-1] == 800
+    # the official files: range-scale for the box-only and panoptic recipes, 640..800 in steps of 32 for the
+    # (cascade) mask ones (detectron2's Base-RCNN-FPN scales)
+    assert raw.INPUT.MIN_SIZE_TRAIN_SAMPLING == ("choice" if "mask_rcnn" in config else "range")
+    assert len(raw.INPUT.MIN_SIZE_TRAIN) == (6 if "mask_rcnn" in config else 2)
     if roi_heads == "CascadeROIHeads":
         assert raw.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG and raw.MODEL.RPN.POST_NMS_TOPK_TRAIN == 2000
     if panoptic:

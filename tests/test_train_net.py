@@ -112,11 +112,14 @@ def test_missing_datasets_are_named_and_ade20k_is_prepared(tmp_path):
 def test_demo_data_is_deterministic(tmp_path):
     from resnest_backbone.data.demo import DEFAULT_SPEC, ensure_demo_data
 
-    spec = dict(DEFAULT_SPEC, det={"train": 3, "val": 2}, seg={"train": 2, "val": 1})
+    spec = dict(DEFAULT_SPEC, det={"train": 3, "val": 2}, seg={"train": 2, "val": 1}, pan={"train": 2, "val": 1})
     a = ensure_demo_data(str(tmp_path / "a"), spec)
     b = ensure_demo_data(str(tmp_path / "b"), spec)
     for rel in ["det/annotations/instances_train.json", "det/val/00001.jpg",
-                "ADEChallengeData2016/annotations_detectron2/training/ADE_demo_train_00000001.png"]:
+                "ADEChallengeData2016/annotations_detectron2/training/ADE_demo_train_00000001.png",
+                "panoptic/annotations/panoptic_train.json", "panoptic/annotations/instances_val.json",
+                "panoptic/panoptic_train/00001.png", "panoptic/panoptic_stuff_train/00001.png",
+                "panoptic/val/00000.jpg"]:
         assert open(os.path.join(a, rel), "rb").read() == open(os.path.join(b, rel), "rb").read()
     mtime = os.path.getmtime(os.path.join(a, "spec.json"))
     assert ensure_demo_data(str(tmp_path / "a"), spec) == a and os.path.getmtime(os.path.join(a, "spec.json")) == mtime

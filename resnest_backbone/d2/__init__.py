@@ -18,12 +18,12 @@ from .checkpoint import SafeDetectionCheckpointer
 from .config import add_resnest_config
 from .datasets import DatasetMissingError, check_datasets, register_demo_datasets, register_demo_subset
 from .deeplab import add_resnest_deeplab_config, build_resnest_deeplab_backbone  # noqa: F401  (registers)
-from .hooks import ResNeStDropBlockHook, build_dropblock_hook
+from .hooks import ResNeStDropBlockHook, ResNeStPreciseBN, build_dropblock_hook
 from .model_zoo import get_config, get_config_file, list_configs
 
 DEMO_DATASETS = register_demo_datasets()  # resnest_demo_*: generated under $DETECTRON2_DATASETS on first load
 
-__all__ = ["DEMO_DATASETS", "DatasetMissingError", "ResNeStBackbone", "ResNeStDropBlockHook",
+__all__ = ["DEMO_DATASETS", "DatasetMissingError", "ResNeStBackbone", "ResNeStDropBlockHook", "ResNeStPreciseBN",
            "SafeDetectionCheckpointer", "add_resnest_config", "build_dropblock_hook", "build_resnest_backbone",
            "build_resnest_fpn_backbone", "build_resnest_retinanet_fpn_backbone", "check_datasets", "get_config",
            "get_config_file", "list_configs", "register_demo_datasets", "register_demo_subset",

@@ -1,19 +1,28 @@
-"""detectron2 hook that ramps ResNeSt's DropBlock linearly over training (the official recipe).
+"""detectron2 hooks for ResNeSt training.
+
+ResNeStDropBlockHook ramps ResNeSt's DropBlock linearly over training (the official recipe):
 
     trainer.register_hooks([ResNeStDropBlockHook(drop_prob=0.1, ramp_iters=0)])
 
 resnest_backbone.d2.Trainer adds it by itself whenever MODEL.RESNEST.DROPBLOCK_PROB > 0, with
 MODEL.RESNEST.DROPBLOCK_RAMP_ITERS (0 = ramp over the whole training, SOLVER.MAX_ITER).
-"""
-import logging
-from typing import Optional
 
-from detectron2.engine import HookBase
+ResNeStPreciseBN is detectron2's PreciseBN hook (TEST.PRECISE_BN; the Trainer and LazyConfig training use it
+in its place) that leaves alone the norms the precise-BN passes never ran: fvcore's update_bn_stats would
+set their running mean and variance to zero.
+"""
+import contextlib
+import logging
+from typing import Iterator, Optional
+
+import torch
+from detectron2.engine import HookBase, hooks
+from fvcore.nn.precise_bn import get_bn_modules
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from ..core.dropblock import DropBlockScheduler, check_ramp
 
-__all__ = ["ResNeStDropBlockHook", "build_dropblock_hook"]
+__all__ = ["ResNeStDropBlockHook", "ResNeStPreciseBN", "build_dropblock_hook", "keep_unused_norm_stats"]
 
 
 def _unwrap(model):
@@ -72,3 +81,51 @@ def build_dropblock_hook(cfg) -> Optional[ResNeStDropBlockHook]:
     if rc is None or not rc.get("DROPBLOCK_PROB", 0.0) > 0:
         return None
     return ResNeStDropBlockHook(drop_prob=rc.DROPBLOCK_PROB, ramp_iters=rc.get("DROPBLOCK_RAMP_ITERS", 0))
+
+
+@contextlib.contextmanager
+def keep_unused_norm_stats(model: torch.nn.Module) -> Iterator[None]:
+    """Around fvcore's update_bn_stats: every BN layer it recomputes (get_bn_modules: BatchNorm / SyncBatchNorm
+    in training mode) whose forward never ran inside the block gets its running mean and variance back, with
+    a warning naming it. fvcore skips such a layer in every batch and then writes its empty estimate: zeros
+    (a zero variance). In a ResNeSt that is the split-attention norm after the global pool at one image per
+    process, which normalises with the running statistics instead (core.split_attention.attention_norm)."""
+    layers = [m for m in get_bn_modules(model) if m.running_mean is not None and m.running_var is not None]
+    names = {id(m): n for n, m in model.named_modules()}
+    saved = {id(m): (m.running_mean.clone(), m.running_var.clone()) for m in layers}
+    ran = set()
+    handles = [m.register_forward_pre_hook(lambda module, _: ran.add(id(module))) for m in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    unused = [m for m in layers if id(m) not in ran]
+    for m in unused:
+        mean, var = saved[id(m)]
+        m.running_mean, m.running_var = mean, var
+    if unused:
+        listed = [names.get(id(m), type(m).__name__) for m in unused]
+        logging.getLogger(__name__).warning(
+            "PreciseBN: %d of %d norm layers did not run their forward in the precise-BN passes and keep their "
+            "training running statistics (split-attention norms after the global pool run on the running "
+            "statistics at 1 image per process): %s%s", len(unused), len(layers), ", ".join(listed[:8]),
+            ", ..." if len(listed) > 8 else "")
+
+
+class ResNeStPreciseBN(hooks.PreciseBN):
+    """detectron2's PreciseBN (same arguments, same schedule: every `period` iterations and after the last),
+    whose update keeps the running statistics of layers it could not recompute (keep_unused_norm_stats)."""
+
+    @classmethod
+    def adopt(cls, hook: hooks.PreciseBN) -> "ResNeStPreciseBN":
+        """This class in place of a built detectron2 PreciseBN hook (same state: model, data loader, period)."""
+        new = cls.__new__(cls)
+        new.__dict__.update(hook.__dict__)
+        return new
+
+    def update_stats(self):
+        if getattr(self, "_disabled", False):
+            return super().update_stats()
+        with keep_unused_norm_stats(self._model):
+            super().update_stats()

@@ -31,7 +31,7 @@ from detectron2.utils.registry import locate
 from ..core.dropblock import DropBlock2D
 from .backbone import ResNeStBackbone
 from .checkpoint import SafeDetectionCheckpointer
-from .hooks import ResNeStDropBlockHook
+from .hooks import ResNeStDropBlockHook, ResNeStPreciseBN
 from .train import ddp_model, has_fast_coco_eval, resnest_default_setup
 
 __all__ = ["adapt_lazy_cfg_to_device", "do_test", "do_train", "is_lazy_config", "lazy_dataset_names",
@@ -173,8 +173,8 @@ def _precise_bn_hook(cfg, model):
 
     if not get_bn_modules(model):
         return None
-    return hooks.PreciseBN(cfg.train.eval_period, model, instantiate(cfg.dataloader.train),
-                           spec.get("num_iter", 200))
+    return ResNeStPreciseBN(cfg.train.eval_period, model, instantiate(cfg.dataloader.train),
+                            spec.get("num_iter", 200))
 
 
 def do_train(args, cfg):

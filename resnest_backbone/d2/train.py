@@ -26,12 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 import detectron2.data.transforms as T
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, hooks
 from detectron2.engine import default_argument_parser as d2_argument_parser
 from detectron2.engine import launch as d2_launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -39,7 +39,7 @@ from .checkpoint import SafeDetectionCheckpointer
 from .config import add_resnest_config
 from .deeplab import add_resnest_deeplab_config
 from .resume import ExactResumeMixin, build_resumable_train_loader
-from .hooks import build_dropblock_hook
+from .hooks import ResNeStPreciseBN, build_dropblock_hook
 from .model_zoo import get_config_file
 
 __all__ = ["CpuDistributedDataParallel", "Trainer", "adapt_cfg_to_device", "build_sem_seg_train_aug", "ddp_model",
@@ -178,7 +178,8 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
 
     def build_hooks(self):
         # DropBlock ramp (MODEL.RESNEST.DROPBLOCK_PROB > 0): first, so it sets drop_prob before each step.
-        ret = super().build_hooks()
+        # PreciseBN (TEST.PRECISE_BN): detectron2's, keeping the stats of norms it cannot recompute.
+        ret = [ResNeStPreciseBN.adopt(h) if type(h) is hooks.PreciseBN else h for h in super().build_hooks()]
         dropblock = build_dropblock_hook(self.cfg)
         return ([dropblock] if dropblock is not None else []) + ret
 
@@ -191,8 +192,19 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
             return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
         if kind == "coco":  # box AP (+ mask AP for Mask R-CNN); the C++ evaluation only where it is built
             return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_fast_coco_eval())
+        if kind == "coco_panoptic_seg":  # Panoptic FPN, as detectron2's train_net: stuff mIoU, box/mask AP, PQ
+            evaluators = [SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder),
+                          COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=has_fast_coco_eval())]
+            reason = _panoptic_quality_unavailable(meta)
+            if reason:
+                logging.getLogger("resnest_backbone").warning(f"{dataset_name}: no PQ ({reason}); evaluating "
+                                                              "sem_seg (stuff) and bbox / segm (things) only")
+            else:
+                evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+            return DatasetEvaluators(evaluators)
         raise NotImplementedError(f"no evaluator for dataset {dataset_name!r} (evaluator_type {kind!r}); "
-                                  "this project evaluates COCO-format detection and semantic segmentation")
+                                  "this project evaluates COCO-format detection, panoptic (separated) and "
+                                  "semantic segmentation")
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -210,6 +222,17 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
 
             return build_lr_scheduler(cfg, optimizer)
         return super().build_lr_scheduler(cfg, optimizer)
+
+
+def _panoptic_quality_unavailable(meta) -> str:
+    """Why COCOPanopticEvaluator cannot run for a dataset, or "" when it can."""
+    try:
+        import panopticapi  # noqa: F401
+    except ImportError:
+        return "the panopticapi package is not installed"
+    if not meta.get("panoptic_json", None):
+        return "the dataset has no panoptic_json (a subset of a panoptic set)"
+    return ""
 
 
 def resnest_default_setup(cfg, args) -> None:

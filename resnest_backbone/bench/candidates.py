@@ -6,7 +6,7 @@ code, timm, and a torchvision ResNet of the same depth. Each gets the same treat
 also its own fast path. Detectors: Faster R-CNN ResNeSt-FPN and R-50-FPN from the same config.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from torch import nn

@@ -29,7 +29,8 @@ def _dtype(res: dict, treatment: str) -> str:
     return res.get("treatments", {}).get(treatment, {}).get("dtype", "fp32")
 
 
-def best(res: dict, entries: Dict[str, dict], dtypes: Tuple[str, ...] = ("fp32",)) -> Tuple[Optional[str], Optional[float]]:
+def best(res: dict, entries: Dict[str, dict],
+         dtypes: Tuple[str, ...] = ("fp32",)) -> Tuple[Optional[str], Optional[float]]:
     """(treatment, ms) of the fastest measured entry whose treatment computes in one of `dtypes`."""
     timed = [(e["ms"], name) for name, e in (entries or {}).items()
              if e.get("ms") is not None and _dtype(res, name) in dtypes]
@@ -84,10 +85,11 @@ def goals(res: dict) -> List[dict]:
     r3 = _ratio(det.get("eval", {}).get("ours", {}).get(fused, {}).get("ms"),
                 det.get("eval", {}).get("resnet", {}).get(fused, {}).get("ms"))
     target = GOAL_TARGETS["detector_ratio"]
-    add(f"Faster R-CNN eval {det.get('workload', '-')}: time ours-FPN / R-50-FPN", f"<= {target:.2f}", r3,
+    add(f"Faster R-CNN eval {det.get('workload', '(not run)')}: time ours-FPN / R-50-FPN", f"<= {target:.2f}", r3,
         None if r3 is None else r3 <= target, f"both {fused}", lambda v: f"{v:.3f}")
     # 4: training step like for like (both channels_last): speed and peak memory vs the official code
     tr_ = bb.get("train", {}).get(key_train, {})
+    key_train = key_train or "(not run)"
     ours_t, off_t = tr_.get("ours", {}).get("channels_last", {}), tr_.get("official", {}).get("channels_last", {})
     r4 = _ratio(off_t.get("ms"), ours_t.get("ms"))
     mem = _ratio(ours_t.get("peak_mib"), off_t.get("peak_mib"))
@@ -296,7 +298,8 @@ def _by_treatment_table(res: dict, title: str, field: str, fmt) -> List[str]:
     per = bb["eval"].get(w, {})
     if not any(field in e for entries in per.values() for e in entries.values()):
         return []
-    lines = [f"## {title}, eval {w}", "", "| implementation | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines = [f"## {title}, eval {w}", "", "| implementation | " + " | ".join(cols) + " |",
+             "|---|" + "---:|" * len(cols)]
     for role, entries in per.items():
         lines.append(f"| {names[role]} | " + " | ".join(
             fmt(entries[c].get(field)) if c in entries and field in entries[c] else "" for c in cols) + " |")
@@ -390,7 +393,11 @@ def render_png(res: dict, path: str) -> None:
         width = 0.8 / max(len(cols), 1)
         for i, c in enumerate(cols):
             speed = [(base / per[r][c]["ms"]) if base and per[r].get(c, {}).get("ms") else 0 for r in roles]
-            ax.bar([j + i * width for j in range(len(roles))], speed, width, label=c, color=f"C{i % 10}")
+            xs = [j + i * width for j in range(len(roles))]
+            ax.bar(xs, speed, width, label=c, color=f"C{i % 10}")
+            for x_, r in zip(xs, roles):  # a failed treatment: a cross on the axis, not an empty slot
+                if "error" in per[r].get(c, {}):
+                    ax.plot([x_], [0], marker="x", color=f"C{i % 10}", clip_on=False)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(roles))], [names[r] for r in roles], rotation=15,
                       fontsize=7)

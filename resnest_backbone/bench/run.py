@@ -105,6 +105,7 @@ def run_pairs(pairs: Sequence[tuple], mode: str, x_of: Callable[[Treatment], obj
                 refs[impl.role] = out
             entry["rel_err"] = rel_err(out, refs[impl.role]) if impl.role in refs else None
         del out
+        logger.info("  %-40s %-22s ready (treatment + first call %.1f s)", impl.name, t.name, entry["first_s"])
         key = f"{impl.role}|{t.name}"
         fns[key], steps[key] = fn, (impl, t, step, model, x)
     times = interleaved(fns, warmup, repeats, device)

@@ -26,8 +26,9 @@ from typing import Any, Callable, List, Tuple
 import torch
 from torch import nn
 
-__all__ = ["DETECTOR_MENU", "EVAL_MENU", "TRAIN_MENU", "Treatment", "bf16_autocast", "channels_last", "eager", "fused_channels_last", "int8_fx",
-           "jit_freeze", "menu", "own_treatments", "to_channels_last", "torch_compile"]
+__all__ = ["DETECTOR_MENU", "EVAL_MENU", "TRAIN_MENU", "Treatment", "bf16_autocast", "channels_last", "eager",
+           "fused_channels_last", "int8_fx", "jit_freeze", "menu", "own_treatments", "to_channels_last",
+           "torch_compile"]
 
 Step = Callable[[torch.Tensor], Any]
 

@@ -289,3 +289,19 @@ def test_render_is_a_function_of_the_json(tmp_path):
     assert "bf16 / fp32 peak: 4.00 (well above 1" in md
     render.render_png(res, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_render_refuses_a_missing_or_foreign_json(tmp_path, capsys):
+    bench = _tool()
+    with pytest.raises(SystemExit):
+        bench.main(["--render", str(tmp_path / "none.json"), "--out", str(tmp_path / "r.md")])
+    assert "none.json does not exist" in capsys.readouterr().err
+    (tmp_path / "old.json").write_text(json.dumps({"env": {}, "args": {}, "backbone": {}}))
+    with pytest.raises(SystemExit):
+        bench.main(["--render", str(tmp_path / "old.json"), "--out", str(tmp_path / "r.md")])
+    assert 'no "schema": 2' in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
+    (tmp_path / "new.json").write_text(json.dumps(_crafted()))
+    pytest.importorskip("matplotlib", reason="matplotlib is a test dependency")
+    bench.main(["--render", str(tmp_path / "new.json"), "--out", str(tmp_path / "r.md")])
+    assert (tmp_path / "r.md").read_text() == render.render_markdown(_crafted())

@@ -104,8 +104,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     stem = os.path.splitext(args.out)[0]
     args.png = args.png or stem + ".png"
     if args.render is not None:
-        with open(args.render or stem + ".json") as f:
-            res = json.load(f)
+        path = args.render or stem + ".json"
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except FileNotFoundError:
+            parser.error(f"--render: {path} does not exist (run the benchmark first, or name its JSON)")
+        except json.JSONDecodeError as exc:
+            parser.error(f"--render: {path} is not JSON ({exc})")
+        if not isinstance(res, dict) or res.get("schema") != 2:
+            parser.error(f"--render: {path} is not a result of this version of the benchmark (no \"schema\": 2)")
         write_report(res, args.out, args.png)
         return res
     args.json = args.json or stem + ".json"

@@ -1,12 +1,28 @@
-"""tools/benchmark.py in smoke mode (tiny sizes, one round): every model, workload and report path runs."""
+"""tools/benchmark.py and resnest_backbone.bench: the smoke run (tiny sizes, one round) runs every piece
+(matmul peak, every implementation under every treatment, training, detector, gradient checkpointing), the
+JSON round-trips and --render rewrites the report byte for byte from it; a failing treatment is recorded,
+not fatal; the goals judge crafted numbers as they should (a miss is a miss, a missing number is not met)."""
+import copy
 import importlib.util
+import inspect
 import json
 import os
 
 import pytest
 import torch
+from torch import nn
+
+from resnest_backbone.bench import candidates, render, run, treatments
+from resnest_backbone.bench.measure import matmul_peak
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("tools_benchmark", os.path.join(ROOT, "tools", "benchmark.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def test_benchmark_smoke(tmp_path):
@@ -14,37 +30,60 @@ def test_benchmark_smoke(tmp_path):
     pytest.importorskip("timm", reason="timm is a test dependency")
     pytest.importorskip("fvcore", reason="fvcore is a test dependency")
     pytest.importorskip("matplotlib", reason="matplotlib is a test dependency")
-    spec = importlib.util.spec_from_file_location("tools_benchmark", os.path.join(ROOT, "tools", "benchmark.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _tool()
     threads = torch.get_num_threads()
     try:
-        res = bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "b.md"), "--grad-checkpoint",
-                          "--png", str(tmp_path / "b.png"), "--json", str(tmp_path / "b.json")])
+        res = bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "b.md"), "--grad-checkpoint"])
         only = bench.main(["--smoke", "--threads", "1", "--grad-checkpoint-only", "--grad-checkpoint-variants",
                            "resnest14d,resnest26d", "--grad-checkpoint-size", "2x64x96",
                            "--out", str(tmp_path / "gc.md")])
     finally:
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
-    names = [c["name"] for c in res["backbone"]["candidates"]]
-    assert any("fast path" in n for n in names) and any("official" in n for n in names)
-    assert any("timm" in n for n in names) and any("torchvision" in n for n in names)
-    for kind in ("eval", "train"):
-        assert res["backbone"][kind], kind
-        for workload, times in res["backbone"][kind].items():
-            trainable = [n for n, c in zip(names, res["backbone"]["candidates"]) if c["trains"] or kind == "eval"]
-            assert set(times) == set(trainable), (kind, workload)
-            assert all(t > 0 for t in times.values())
-            assert all(p > 0 for p in res["backbone"][f"{kind}_peak"][workload].values())
-    assert all(g["resnest"] > g["resnet"] > 0 for g in res["backbone"]["gmacs"].values())
+    # the JSON (written next to the report by default) is the result, and the report is rendered from it
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved == json.loads(json.dumps(res))
+    assert saved["env"]["threads"] == 1
+    bb = saved["backbone"]
+    assert [i["role"] for i in bb["implementations"]] == ["ours", "official", "timm", "resnet"]
+    own = {i["role"]: i["own"] for i in bb["implementations"]}
+    assert "fast path" in own["ours"] and not own["official"] and not own["timm"] and not own["resnet"]
+    # the same menu for every implementation: each (implementation, treatment) has a time or a failure
+    eval_menu = [t.name for t in treatments.menu("eval", compile_=False)]
+    assert {"eager", "channels_last", "jit", "bf16 autocast", "int8 fx"} <= set(eval_menu)
+    for mode, menu_names in (("eval", eval_menu), ("train", ["eager", "channels_last"])):
+        assert bb[mode], mode
+        for w, per in bb[mode].items():
+            for i in bb["implementations"]:
+                expected = menu_names + (i["own"] if mode == "eval" else [])
+                assert list(per[i["role"]]) == expected, (mode, w, i["role"])
+                for name, e in per[i["role"]].items():
+                    assert ("ms" in e) != ("error" in e), (mode, w, i["role"], name, e)
+                    if "ms" in e:
+                        assert e["ms"] > 0 and len(e["runs"]) == 1 and e["peak_mib"] > 0
+    key = bb["key_eval"]
+    assert key == list(bb["eval"])[-1]
+    for role in ("ours", "official", "timm", "resnet"):  # eager, channels_last and jit run everywhere
+        for name in ("eager", "channels_last", "jit"):
+            assert bb["eval"][key][role][name]["ms"] > 0, (role, name)
+            assert bb["eval"][key][role][name]["rel_err"] < 1e-4, (role, name)  # fp32: the same outputs
+    assert bb["eval"][key]["ours"]["fast path"]["rel_err"] < 1e-4
+    if "ms" in bb["eval"][key]["ours"]["bf16 autocast"]:
+        assert 0 < bb["eval"][key]["ours"]["bf16 autocast"]["rel_err"] < 0.1  # bf16: rounded, not wrong
+    assert all(g["resnest"] > g["resnet"] > 0 for g in bb["gmacs"].values())
+    peak = saved["peak"]
+    assert peak["fp32"]["gflops"] > 0 and peak["bf16"]["gflops"] > 0
+    assert peak["bf16_over_fp32"] == peak["bf16"]["gflops"] / peak["fp32"]["gflops"]
     md = (tmp_path / "b.md").read_text()
-    for name in names:
-        assert f"| {name} |" in md
-    assert "## Targets" in md
-    assert "official / fast path" in md
-    if res.get("detector"):
-        assert len(res["detector"]["eval"]) == 4 and "Faster R-CNN" in md
+    for i in bb["implementations"]:
+        assert f"| {i['name']} |" in md
+    assert "## Goals (issue 12)" in md and "## Machine limit: matmul peak" in md
+    assert md.count("| met |") + md.count("| **NOT MET** |") + md.count("| not measured |") == 6
+    if saved.get("detector"):
+        det = saved["detector"]["eval"]
+        assert set(det) == {"ours", "resnet"}
+        assert all(set(e) == {"eager", "fused + channels_last"} for e in det.values())
+        assert "Faster R-CNN" in md
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # gradient checkpointing: with the rest (--grad-checkpoint), and alone (no backbone comparison, no chart)
     assert "## Gradient checkpointing: training step 64x64 b2" in md and "| resnest14d |" in md
@@ -55,8 +94,214 @@ def test_benchmark_smoke(tmp_path):
         assert all(r[k] > 0 for k in ("plain_ms", "checkpoint_ms", "plain_peak", "checkpoint_peak"))
     assert rows[1]["checkpoint_peak"] < rows[1]["plain_peak"]
     assert "| resnest26d |" in (tmp_path / "gc.md").read_text()
-    assert json.loads((tmp_path / "b.json").read_text())["env"]["threads"] == 1
-    # --render rewrites the report from the saved numbers, measuring nothing
+    # --render rewrites the report from the saved numbers, measuring nothing: byte for byte
     bench.main(["--render", str(tmp_path / "b.json"), "--out", str(tmp_path / "again.md")])
-    assert (tmp_path / "again.md").read_text() == md
+    assert (tmp_path / "again.md").read_bytes() == (tmp_path / "b.md").read_bytes()
     assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    os.remove(tmp_path / "again.md")
+    bench.main(["--render", "--out", str(tmp_path / "b.md")])  # default: the JSON next to --out
+    assert (tmp_path / "b.md").read_text() == md
+
+
+def _conv():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+
+def test_failing_treatment_is_recorded_not_fatal():
+    def broken_apply(model, x):
+        raise RuntimeError("cannot treat this model")
+
+    def broken_call(model, x):
+        return lambda inp: model(inp[:, :2])  # wrong channel count: fails when called
+
+    impl = candidates.Implementation("plain", "a conv", _conv)
+    menu = [treatments.EVAL_MENU[0], treatments.Treatment("broken", broken_apply),
+            treatments.Treatment("fails when called", broken_call), treatments.EVAL_MENU[1]]
+    x = torch.randn(1, 3, 16, 16)
+    got = run.run_pairs([(impl, t) for t in menu], "eval", lambda t: x, warmup=0, repeats=2, memory=True,
+                        device=torch.device("cpu"))["plain"]
+    assert got["broken"] == {"error": "RuntimeError: cannot treat this model"}
+    assert set(got["fails when called"]) == {"error"} and "RuntimeError" in got["fails when called"]["error"]
+    for name in ("eager", "channels_last"):  # the others are timed, before and after the failures
+        assert got[name]["ms"] > 0 and len(got[name]["runs"]) == 2 and got[name]["peak_mib"] > 0
+    assert got["eager"]["rel_err"] == 0.0 and got["channels_last"]["rel_err"] < 1e-5
+
+
+def test_training_pairs_and_layouts():
+    impl = candidates.Implementation("plain", "a conv", _conv)
+    x = torch.randn(2, 3, 16, 16)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    got = run.run_pairs([(impl, t) for t in treatments.TRAIN_MENU], "train",
+                        lambda t: x_cl if t.channels_last else x, warmup=0, repeats=1, memory=True,
+                        device=torch.device("cpu"))["plain"]
+    assert list(got) == ["eager", "channels_last"]
+    assert all(e["ms"] > 0 and e["peak_mib"] > 0 and "rel_err" not in e for e in got.values())
+
+
+def test_rel_err():
+    a = {"res2": torch.ones(2, 2), "res3": torch.full((3,), 4.0)}
+    b = {"res2": torch.ones(2, 2), "res3": torch.tensor([4.0, 4.0, 3.0])}
+    assert run.rel_err(a, a) == 0.0
+    assert run.rel_err(b, a) == pytest.approx(0.25)
+    assert run.rel_err([torch.ones(2)], [torch.ones(3)]) is None
+
+
+def test_bf16_fast_path_only_where_deploy_takes_a_dtype(monkeypatch):
+    import resnest_backbone.core.fuse as fuse
+
+    names = [t.name for t in treatments.own_treatments(compile_=False)]
+    assert names[:2] == ["fast path", "fast path + jit"]
+    assert ("fast path bf16" in names) == ("dtype" in inspect.signature(fuse.deploy).parameters)
+    original = fuse.deploy
+
+    def deploy_with_dtype(model, channels_last=True, compile=False, inplace=False, dtype=None):
+        model = original(model, channels_last=channels_last, compile=compile, inplace=inplace)
+        return model.to(dtype) if dtype is not None else model
+
+    monkeypatch.setattr(fuse, "deploy", deploy_with_dtype)
+    own = {t.name: t for t in treatments.own_treatments(compile_=False)}
+    assert own["fast path bf16"].dtype == "bf16" and own["fast path bf16"].channels_last
+    from resnest_backbone.core import build_resnest
+
+    torch.manual_seed(0)
+    model = build_resnest("resnest14d").eval()
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    step = own["fast path bf16"].apply(copy.deepcopy(model), x)
+    with torch.no_grad():
+        out, ref = step(x), model(x)
+    assert all(out[k].dtype == torch.bfloat16 for k in out)
+    assert 0 < run.rel_err(out, ref) < 0.1
+
+
+def test_matmul_peak_small():
+    peak = matmul_peak((64, 128), repeats=1)
+    for d in ("fp32", "bf16"):
+        assert set(peak[d]["sizes"]) == {"64", "128"} and peak[d]["gflops"] == max(peak[d]["sizes"].values()) > 0
+    assert "gflops" in peak["int8"] or "error" in peak["int8"]
+
+
+def test_parse_workloads():
+    assert candidates.parse_workloads("1x800x1216, 8x224x224") == (candidates.Workload(1, 800, 1216),
+                                                                   candidates.Workload(8, 224, 224))
+    assert candidates.parse_workloads("") == ()
+    with pytest.raises(ValueError, match="'1x800'"):
+        candidates.parse_workloads("1x800")
+    with pytest.raises(ValueError, match="positive"):
+        candidates.parse_workloads("0x64x64")
+
+
+# ------------------------------------------------------------------------------------------- goal logic
+def _crafted(ours_fast=1000.0, ours_bf16=500.0, resnet_jit=800.0, official_cl=1800.0, det=(2400.0, 2200.0),
+             train=(8500.0, 4739.0, 11000.0, 4739.0), peak_fp32=200.0):
+    """A result dict as run.py writes it, with chosen numbers (GMACs 100 / 80: MAC ratio 1.25)."""
+    def ok(ms, peak=None, rel=0.0):
+        e = {"ms": ms, "runs": [ms], "first_s": 1.0, "rel_err": rel}
+        if peak is not None:
+            e["peak_mib"] = peak
+        return e
+
+    key, key_train = "800x1216 b1", "800x1216 b2"
+    ev = {"ours": {"eager": ok(1600.0), "channels_last": ok(1400.0), "bf16 autocast": ok(ours_bf16, rel=5e-3),
+                   "int8 fx": {"error": "TraceError: control flow"}, "fast path": ok(ours_fast)},
+          "official": {"eager": ok(2000.0), "channels_last": ok(official_cl), "bf16 autocast": ok(1200.0),
+                       "int8 fx": {"error": "TraceError: proxy"}},
+          "resnet": {"eager": ok(1400.0), "channels_last": ok(1000.0), "jit": ok(resnet_jit),
+                     "bf16 autocast": ok(400.0), "int8 fx": ok(300.0)}}
+    tr = {"ours": {"eager": ok(11000.0, 4739.0), "channels_last": ok(train[0], train[1])},
+          "official": {"eager": ok(12000.0, 4739.0), "channels_last": ok(train[2], train[3])}}
+    dtypes = {"eager": "fp32", "channels_last": "fp32", "jit": "fp32", "bf16 autocast": "bf16", "int8 fx": "int8",
+              "fast path": "fp32", "fused + channels_last": "fp32"}
+    return {
+        "schema": 2,
+        "env": {"date": "2026-01-01 00:00 UTC", "device": "test CPU", "torch": "2.x", "threads": 2,
+                "interop_threads": 2, "load_before": 0.1, "load_after": 0.2, "argv": ["--crafted"],
+                "duration_s": 60, "cpu_capability": "AVX512", "cpu_flags": ["avx512_bf16"]},
+        "args": {"variant": "resnest50", "smoke": False, "warmup": 1, "repeats": 7, "repeats_large": 3},
+        "peak": {"fp32": {"sizes": {"1024": peak_fp32}, "gflops": peak_fp32},
+                 "bf16": {"sizes": {"1024": 4 * peak_fp32}, "gflops": 4 * peak_fp32},
+                 "int8": {"error": "RuntimeError: no int8 matmul"}, "bf16_over_fp32": 4.0},
+        "treatments": {n: {"dtype": d, "description": n} for n, d in dtypes.items()},
+        "backbone": {"implementations": [{"role": "ours", "name": "resnest50 ours", "arch": "resnest",
+                                          "own": ["fast path"]},
+                                         {"role": "official", "name": "resnest50 official 0.0.5", "arch": "resnest",
+                                          "own": []},
+                                         {"role": "resnet", "name": "ResNet-50 torchvision", "arch": "resnet",
+                                          "own": []}],
+                     "gmacs": {key: {"resnest": 100.0, "resnet": 80.0}}, "eval": {key: ev},
+                     "train": {key_train: tr}, "key_eval": key, "key_train": key_train},
+        "detector": {"workload": key, "implementations": [{"role": "ours", "name": "Faster R-CNN resnest50-FPN"},
+                                                          {"role": "resnet", "name": "Faster R-CNN R-50-FPN"}],
+                     "eval": {"ours": {"eager": ok(3000.0), "fused + channels_last": ok(det[0])},
+                              "resnet": {"eager": ok(2700.0), "fused + channels_last": ok(det[1])}}},
+    }
+
+
+def _verdicts(res):
+    return [g["met"] for g in render.goals(res)]
+
+
+def test_goals_met_and_missed_on_crafted_numbers():
+    # ours fast path 1000 ms on 100 GMAC = 200 GFLOP/s = 100% of a 200 GFLOP/s peak: met.
+    # time ratio 1000 / 800 = 1.25 <= MAC ratio 1.25: met (at the boundary). Detector 2400 / 2200 = 1.09: met.
+    # train 11000 / 8500 = 1.29x >= 1.2, peak equal: met, met. bf16: official best fp32 1800 / 500 = 3.6x: met.
+    res = _crafted()
+    assert _verdicts(res) == [True, True, True, True, True, True]
+    goals = render.goals(res)
+    assert goals[0]["measured"] == "100%" and "fast path" in goals[0]["how"]
+    assert goals[1]["measured"] == "1.250" and "jit" in goals[1]["how"]  # ResNet's best fp32 is its jit
+    # each goal missed in turn: the verdict flips, and the report says NOT MET
+    misses = [dict(peak_fp32=250.0),  # 200 / 250 = 80% < 92%
+              dict(resnet_jit=700.0),  # 1000 / 700 = 1.43 > 1.25
+              dict(det=(2600.0, 2200.0)),  # 1.18 > 1.15
+              dict(train=(10000.0, 4739.0, 11000.0, 4739.0)),  # 1.1x < 1.2x
+              dict(train=(8500.0, 4800.0, 11000.0, 4739.0)),  # more peak memory than the official
+              dict(ours_bf16=800.0)]  # 1800 / 800 = 2.25x < 2.5x
+    for n, kwargs in enumerate(misses):
+        res = _crafted(**kwargs)
+        verdicts = _verdicts(res)
+        assert verdicts[n] is False and all(v for i, v in enumerate(verdicts) if i != n), (n, verdicts)
+        md = render.render_markdown(res)
+        assert md.count("| **NOT MET** |") == 1 and md.count("| met |") == 5
+    # the best of ours is the best of all its fp32 entries, its own fast path included, never a bf16 one
+    res = _crafted(ours_fast=2000.0)  # now channels_last (1400) is ours' best fp32: 142.9 GFLOP/s, 71%
+    assert render.goals(res)[0]["measured"] == "71%" and "channels_last" in render.goals(res)[0]["how"]
+
+
+def test_goals_not_measured_is_not_met():
+    res = _crafted()
+    res["backbone"]["eval"]["800x1216 b1"]["ours"]["bf16 autocast"] = {"error": "RuntimeError: no bf16"}
+    del res["detector"]
+    res["backbone"]["train"]["800x1216 b2"]["official"]["channels_last"] = {"error": "ValueError: batch 1"}
+    verdicts = _verdicts(res)
+    assert verdicts == [True, True, None, None, None, None]
+    md = render.render_markdown(res)
+    assert md.count("| not measured |") == 4 and md.count("| met |") == 2
+    assert "RuntimeError: no bf16" in md and "ValueError: batch 1" in md  # the failures are listed
+
+
+def test_render_is_a_function_of_the_json(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is a test dependency")
+    res = _crafted()
+    md = render.render_markdown(res)
+    assert render.render_markdown(json.loads(json.dumps(res))) == md
+    assert "fails [1]" in md and "1. resnest50 ours / int8 fx (800x1216 b1): TraceError: control flow" in md
+    assert "| fp32 | 200 | 200 |" in md and "| int8 | - | not available: RuntimeError: no int8 matmul |" in md
+    assert "bf16 / fp32 peak: 4.00 (well above 1" in md
+    render.render_png(res, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_render_refuses_a_missing_or_foreign_json(tmp_path, capsys):
+    bench = _tool()
+    with pytest.raises(SystemExit):
+        bench.main(["--render", str(tmp_path / "none.json"), "--out", str(tmp_path / "r.md")])
+    assert "none.json does not exist" in capsys.readouterr().err
+    (tmp_path / "old.json").write_text(json.dumps({"env": {}, "args": {}, "backbone": {}}))
+    with pytest.raises(SystemExit):
+        bench.main(["--render", str(tmp_path / "old.json"), "--out", str(tmp_path / "r.md")])
+    assert 'no "schema": 2' in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
+    (tmp_path / "new.json").write_text(json.dumps(_crafted()))
+    pytest.importorskip("matplotlib", reason="matplotlib is a test dependency")
+    bench.main(["--render", str(tmp_path / "new.json"), "--out", str(tmp_path / "r.md")])
+    assert (tmp_path / "r.md").read_text() == render.render_markdown(_crafted())

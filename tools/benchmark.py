@@ -1,29 +1,22 @@
 #!/usr/bin/env python
-"""Side-by-side speed of ResNeSt backbones: ours (training form and inference fast path), the official code
-(resnest==0.0.5), timm, and a ResNet baseline of the same depth; plus Faster R-CNN ResNeSt-FPN vs R-FPN.
+"""Side-by-side speed of ResNeSt backbones, each implementation under the same menu of standard treatments:
+ours, the official code (resnest==0.0.5), timm, and torchvision's ResNet of the same depth; plus Faster
+R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machine's matmul peak.
 
-    python tools/benchmark.py                         # full run; writes docs/benchmark.md + docs/benchmark.png
-    python tools/benchmark.py --threads 2 --repeats 7 --compile
-    python tools/benchmark.py --smoke --out /tmp/b.md --png /tmp/b.png   # tiny sizes, one repeat (tests)
-    python tools/benchmark.py --render b.json --out b.md                 # the report again, measuring nothing
+    python tools/benchmark.py --threads 2        # full run: docs/benchmark.json, then .md and .png from it
+    python tools/benchmark.py --threads 2 --compile       # also torch.compile (slow: minutes per model)
+    python tools/benchmark.py --render                    # docs/benchmark.md + .png from docs/benchmark.json
+    python tools/benchmark.py --render b.json --out b.md  # the report of another run, measuring nothing
+    python tools/benchmark.py --smoke --out /tmp/b.md     # tiny sizes, one round: checks that it runs
+    python tools/benchmark.py --eval 1x800x1216 --train "" --no-detector --repeats-large 1   # one workload
     python tools/benchmark.py --grad-checkpoint-only --grad-checkpoint-variants resnest50,resnest200 \
         --out docs/grad_checkpoint.md      # only: training step with / without gradient checkpointing
 
-Method: every model runs in this one process, interleaved (A B C A B C ...) so that drifts in machine load
-hit all of them alike, after warm-up rounds; each number is the median over the repeats. The torch thread
-count is fixed (--threads) and printed. Measured per workload (batch x height x width):
-  eval   latency of one forward pass in eval mode under torch.no_grad()
-  train  one training step: forward in train mode + backward of the sum of the outputs' means
-  peak   peak memory of the tensors allocated during the step (on CPU, counted by a dispatch-mode tracker
-         over tensor storages; on CUDA, torch.cuda.max_memory_allocated), above what existed before it
-  GMAC   multiply-adds of the architecture (fvcore; it reports a multiply-add as one "flop"), and the
-         achieved rate = GMAC / eval latency.
-With --grad-checkpoint (or --grad-checkpoint-only): the training step and its peak memory of our trunk without
-and with gradient checkpointing (grad_checkpoint=True), at --grad-checkpoint-size (default 2x320x320), timed
-over --repeats-large rounds.
-The backbone models all return the four stage outputs (res2..res5); the classifier is not run. The
-candidates and the measuring are resnest_backbone.bench; this file is the command line and the report,
-rendered from the numbers (the JSON that --json writes).
+Pieces (resnest_backbone.bench): candidates.py (workloads, implementations), treatments.py (the menu),
+measure.py (timing, peak memory, GMACs, matmul peak), run.py (what is measured, into one JSON-able dict),
+render.py (markdown + png from that dict alone, and the goals). This file is the command line: it measures
+into --json (default: --out with .json), then renders the report from the JSON as written.
+The torch thread count is fixed (--threads) and recorded; run it on a quiet machine.
 """
 import os
 
@@ -44,210 +37,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from resnest_backbone.bench import (FULL_EVAL, FULL_TRAIN, GRAD_CHECKPOINT_LOAD, SMOKE_EVAL,  # noqa: E402
-                                    SMOKE_GRAD_CHECKPOINT_LOAD, SMOKE_TRAIN, Workload, candidate_names,
-                                    detector_workload, environment, load_average, measure_backbones,
-                                    measure_detectors, measure_grad_checkpoint, resnet_depth_name)
+from resnest_backbone.bench.candidates import (FULL_EVAL, FULL_TRAIN, GRAD_CHECKPOINT_LOAD,  # noqa: E402
+                                               SMOKE_EVAL, SMOKE_GRAD_CHECKPOINT_LOAD, SMOKE_TRAIN,
+                                               detector_workload, parse_workloads)
+from resnest_backbone.bench.render import render_markdown, render_png  # noqa: E402
+from resnest_backbone.bench.run import run_benchmark  # noqa: E402
 
-logger = logging.getLogger("resnest.benchmark")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# ---------------------------------------------------------------------------------------------- report
-def _fmt(v: Optional[float], digits: int = 1) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def _measured_line(env: dict, args: dict, rounds: Optional[str] = None) -> str:
-    rounds = rounds or f"{args['repeats']} timed rounds ({args['repeats_large']} at detection size)"
-    return (f"Measured {env['date']} on {env['device']}; torch {env['torch']}, {env['threads']} threads "
-            f"(interop {env['interop_threads']}"
-            + (f", OMP_WAIT_POLICY={env['omp_wait_policy']}" if env.get("omp_wait_policy") else "")
-            + f"); {args['warmup']} warm-up + {rounds}, interleaved, medians; machine "
-            f"load average {env.get('load_before')} before, {env.get('load_after')} after "
-            "(other processes share the CPUs when it exceeds the thread count). "
-            f"Generated by `python tools/benchmark.py {' '.join(env.get('argv', []))}`.")
-
-
-def render_grad_checkpoint(gc: dict) -> list:
-    """The gradient-checkpointing section: time and peak memory of a training step without / with."""
-    lines = [f"## Gradient checkpointing: training step {gc['workload']} (forward + backward)", "",
-             "| variant | step ms, plain | step ms, checkpointed | time ratio | peak MiB, plain | "
-             "peak MiB, checkpointed | memory ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in gc["rows"]:
-        lines.append(f"| {r['variant']} | {_fmt(r['plain_ms'])} | {_fmt(r['checkpoint_ms'])} | "
-                     f"{_fmt(_ratio(r['checkpoint_ms'], r['plain_ms']), 2)} | {_fmt(r.get('plain_peak'), 0)} | "
-                     f"{_fmt(r.get('checkpoint_peak'), 0)} | "
-                     f"{_fmt(_ratio(r.get('checkpoint_peak'), r.get('plain_peak')), 2)} |")
-    lines += ["", "Checkpointed: `grad_checkpoint=True` (detectron2 `MODEL.RESNEST.GRAD_CHECKPOINT`, mmdet/mmseg "
-              "`with_cp=True`), each bottleneck recomputed in the backward; the same weights, the same gradients. "
-              "Peak: tensors allocated during the step (weight gradients included); the stem is not checkpointed.",
-              ""]
-    return lines
-
-
-def render_markdown(res: dict) -> str:
-    """The report, from the numbers alone (res as the JSON holds it: env, args, backbone, detector,
-    grad_checkpoint)."""
-    if "backbone" not in res:  # --grad-checkpoint-only
-        lines = ["# Benchmark: gradient checkpointing"
-                 + (" (SMOKE: tiny sizes, not meaningful)" if res["args"]["smoke"] else ""), "",
-                 _measured_line(res["env"], res["args"], f"{res['args']['repeats_large']} timed rounds"), ""]
-        return "\n".join(lines + render_grad_checkpoint(res["grad_checkpoint"]))
-    env, args, bb = res["env"], res["args"], res["backbone"]
-    names = [c["name"] for c in bb["candidates"]]
-    arch_of = {c["name"]: c["arch"] for c in bb["candidates"]}
-    v = args["variant"]
-    n = candidate_names(v)
-    official, fast, ours, ours_cl = n["official"], n["fast"], n["ours"], n["ours_cl"]
-    rn = resnet_depth_name(v)
-    rn_plain, rn_fast = n["resnet"], n["resnet_fast"]
-    lines = [f"# Benchmark: {v} backbone{' (SMOKE: tiny sizes, not meaningful)' if args['smoke'] else ''}", ""]
-    lines.append(_measured_line(env, args))
-    lines.append("")
-    # ---- eval
-    eval_loads = list(bb["eval"])
-    lines += ["## Eval latency (ms, lower is better)", "",
-              "| model | " + " | ".join(eval_loads) + " | GMAC/s at " + eval_loads[-1] + " |",
-              "|---|" + "---:|" * (len(eval_loads) + 1)]
-    last = eval_loads[-1]
-    for name in names:
-        cells = [_fmt(bb["eval"][w].get(name)) for w in eval_loads]
-        gm = bb["gmacs"][last][arch_of[name]]
-        t = bb["eval"][last].get(name)
-        cells.append(_fmt(gm / (t / 1e3) if t else None))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "GMACs (fvcore, multiply-adds): " + "; ".join(
-        f"{w}: {v} {g['resnest']:.2f}, {rn} {g['resnet']:.2f}" for w, g in bb["gmacs"].items()), ""]
-    # ---- ratios
-    lines += ["## Ratios", "", "| workload | official / fast path | official / ours | timm / fast path | "
-              f"fast path / {rn} | fast path / {rn} folded+CL | MAC ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for w in eval_loads:
-        e = bb["eval"][w]
-        g = bb["gmacs"][w]
-        lines.append(f"| eval {w} | {_fmt(_ratio(e.get(official), e.get(fast)), 2)} | "
-                     f"{_fmt(_ratio(e.get(official), e.get(ours)), 2)} | "
-                     f"{_fmt(_ratio(e.get(n['timm']), e.get(fast)), 2)} | "
-                     f"{_fmt(_ratio(e.get(fast), e.get(rn_plain)), 2)} | "
-                     f"{_fmt(_ratio(e.get(fast), e.get(rn_fast)), 2)} | {g['resnest'] / g['resnet']:.2f} |")
-    lines.append("")
-    # ---- train
-    if bb["train"]:
-        train_loads = list(bb["train"])
-        train_errors = bb["errors"].get("train", {})
-        lines += ["## Training step: forward + backward (ms; peak tensor MiB)", "",
-                  "| model | " + " | ".join(train_loads) + " |", "|---|" + "---:|" * len(train_loads)]
-        for name in names:
-            if not any(name in bb["train"][w] or name in train_errors.get(w, {}) for w in train_loads):
-                continue
-            cells = []
-            for w in train_loads:
-                t = bb["train"][w].get(name)
-                if t is None:
-                    cells.append("fails" if train_errors.get(w, {}).get(name) else "-")
-                else:
-                    cells.append(f"{t:.1f} ({_fmt(bb['train_peak'].get(w, {}).get(name), 0)})")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "| workload | official / ours | official / ours CL | ours peak / official peak | "
-                      f"ours / {rn} |", "|---|---:|---:|---:|---:|"]
-        for w in train_loads:
-            t = bb["train"][w]
-            p = bb["train_peak"].get(w, {})
-            best = min((x for x in (t.get(ours), t.get(ours_cl)) if x is not None), default=None)
-            lines.append(f"| train {w} | {_fmt(_ratio(t.get(official), t.get(ours)), 2)} | "
-                         f"{_fmt(_ratio(t.get(official), t.get(ours_cl)), 2)} | "
-                         f"{_fmt(_ratio(p.get(ours), p.get(official)), 2)} | "
-                         f"{_fmt(_ratio(best, t.get(rn_plain)), 2)} |")
-        errs = {(name, e) for w in train_loads for name, e in train_errors.get(w, {}).items()}
-        if errs:
-            lines += ["", "Failures: " + "; ".join(f"{name}: {e}" for name, e in sorted(errs))]
-        lines.append("")
-    # ---- eval memory
-    if bb["eval_peak"]:
-        lines += ["## Eval peak tensor memory (MiB)", "", "| model | " + " | ".join(eval_loads) + " |",
-                  "|---|" + "---:|" * len(eval_loads)]
-        for name in names:
-            if "compile" not in name:
-                lines.append(f"| {name} | " + " | ".join(_fmt(bb["eval_peak"][w].get(name), 0) for w in eval_loads)
-                             + " |")
-        lines.append("")
-    # ---- detector
-    det = res.get("detector")
-    if det:
-        lines += [f"## Faster R-CNN (FPN, 4conv1fc head), eval {det['workload']} (ms)", "",
-                  "| model | latency | vs R-50-FPN (same treatment) |", "|---|---:|---:|"]
-        times = det["eval"]
-        for name, t in times.items():
-            suffix = ", fused + channels_last"
-            base = "Faster R-CNN R-50-FPN" + (suffix if name.endswith(suffix) else "")
-            lines.append(f"| {name} | {_fmt(t)} | {_fmt(_ratio(t, times.get(base)), 2)} |")
-        for name, e in det["errors"].items():
-            lines.append(f"| {name} | fails: {e} | - |")
-        lines.append("")
-    if res.get("grad_checkpoint"):
-        lines += render_grad_checkpoint(res["grad_checkpoint"])
-    # ---- targets
-    e_det = bb["eval"].get(last, {})
-    g = bb["gmacs"][last]
-    lines += ["## Targets (issue 5)", ""]
-    r1 = _ratio(e_det.get(official), e_det.get(fast))
-    lines.append(f"- eval {last}: fast path vs official: {_fmt(r1, 2)}x faster (target >= 1.5x)")
-    r2 = _ratio(e_det.get(fast), e_det.get(rn_fast))
-    r2b = _ratio(e_det.get(fast), e_det.get(rn_plain))
-    lines.append(f"- eval {last}: fast path / {rn} time: {_fmt(r2, 2)} against {rn} with the same treatment "
-                 f"(BN folded, channels_last), {_fmt(r2b, 2)} against eager {rn}; MAC ratio "
-                 f"{g['resnest'] / g['resnet']:.2f} (target: time ratio <= MAC ratio)")
-    comp, rn_comp = n["fast_compiled"], n["resnet_fast_compiled"]
-    if e_det.get(comp) is not None:
-        lines.append(f"- eval {last}: with torch.compile: {_fmt(_ratio(e_det.get(official), e_det.get(comp)), 2)}x "
-                     f"faster than official; time ratio to {rn} (also compiled) "
-                     f"{_fmt(_ratio(e_det.get(comp), e_det.get(rn_comp)), 2)}")
-    for w in bb["train"]:
-        t, p = bb["train"][w], bb["train_peak"].get(w, {})
-        if t.get(official) is None:
-            continue
-        best_name = min((x for x in (ours, ours_cl) if t.get(x) is not None), key=lambda x: t[x], default=None)
-        lines.append(f"- train {w}: {best_name} vs official: {_fmt(_ratio(t.get(official), t.get(best_name)), 2)}x "
-                     f"faster (target >= 1.1x), peak memory {_fmt(_ratio(p.get(best_name), p.get(official)), 2)}x "
-                     "official's (target <= 1)")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def render_png(res: dict, path: str) -> None:
-    """Bar chart: each model's speed relative to the official code, per workload (eval, and training)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bb, variant = res["backbone"], res["args"]["variant"]
-    names = [c["name"] for c in bb["candidates"]]
-    official = candidate_names(variant)["official"]
-    panels = [("eval", "eval latency"), ("train", "training step")] if bb["train"] else [("eval", "eval latency")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
-    for ax, (kind, title) in zip(axes[0], panels):
-        loads = [w for w in bb[kind] if bb[kind][w].get(official)]
-        shown = [name for name in names if any(bb[kind][w].get(name) for w in loads)]
-        width = 0.8 / max(len(shown), 1)
-        for i, name in enumerate(shown):
-            speed = [(bb[kind][w][official] / bb[kind][w][name]) if bb[kind][w].get(name) else 0 for w in loads]
-            ax.bar([j + i * width for j in range(len(loads))], speed, width, label=name,
-                   color=f"C{names.index(name) % 10}")  # one colour per model in every panel
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(loads))], loads)
-        ax.set_ylabel("speed relative to official (higher is faster)")
-        ax.set_title(f"{variant}: {title}")
-        ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+DEFAULT_OUT = os.path.join(ROOT, "docs", "benchmark.md")
 
 
 def _write(path: str, text: str) -> None:
@@ -257,7 +54,7 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-def write_report(res: dict, out: str, png: str) -> None:
+def write_report(res: dict, out: str, png: str) -> str:
     md = render_markdown(res)
     _write(out, md)
     print(md)
@@ -266,9 +63,9 @@ def write_report(res: dict, out: str, png: str) -> None:
         print(f"wrote {out} and {png}")
     else:
         print(f"wrote {out}")
+    return md
 
 
-# --------------------------------------------------------------------------------------------------- CLI
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default=None, help="ResNeSt variant (default resnest50; smoke: resnest14d)")
@@ -278,73 +75,84 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--repeats-large", type=int, default=None,
                         help="timed rounds at detection size (default 3; smoke 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs")
-    parser.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
-    parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--eval", default=None, metavar="BxHxW,...",
+                        help="eval workloads, the key one last (default 1x224x224,8x224x224,1x800x1216)")
+    parser.add_argument("--train", default=None, metavar="BxHxW,...",
+                        help='training-step workloads, the key one last (default 2x800x1216; "" for none)')
+    parser.add_argument("--peak-sizes", default=None, metavar="N,...",
+                        help="square matmul sizes for the machine peak (default 1024,2048,4096; smoke 128,256)")
+    parser.add_argument("--compile", action="store_true", help="also the torch.compile treatments (slow)")
+    parser.add_argument("--no-train", action="store_true", help='same as --train ""')
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-detector", action="store_true")
     parser.add_argument("--grad-checkpoint", action="store_true",
                         help="also time a training step of our trunk without / with gradient checkpointing")
     parser.add_argument("--grad-checkpoint-only", action="store_true",
-                        help="measure only that (no eval / train / detector comparison, no chart)")
+                        help="measure only that (no backbone / detector comparison, no chart)")
     parser.add_argument("--grad-checkpoint-variants", default=None,
                         help="comma-separated variants for it (default: --variant)")
     parser.add_argument("--grad-checkpoint-size", default=None, metavar="BxHxW",
                         help="its workload (default 2x320x320; smoke 2x64x64)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmark.md"), help="markdown report")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="markdown report (default docs/benchmark.md)")
     parser.add_argument("--png", default=None, help="bar chart (default: --out with .png)")
-    parser.add_argument("--json", default=None, help="also write the raw numbers here")
-    parser.add_argument("--render", default=None, metavar="JSON",
-                        help="measure nothing: rewrite --out / --png from a --json file of an earlier run")
+    parser.add_argument("--json", default=None, help="the numbers (default: --out with .json)")
+    parser.add_argument("--render", nargs="?", const="", default=None, metavar="JSON",
+                        help="measure nothing: write --out / --png from the JSON of an earlier run "
+                             "(default: --out with .json)")
     args = parser.parse_args(argv)
-    args.png = args.png or os.path.splitext(args.out)[0] + ".png"
-    if args.render:
-        with open(args.render) as f:
-            res = json.load(f)
+    stem = os.path.splitext(args.out)[0]
+    args.png = args.png or stem + ".png"
+    if args.render is not None:
+        path = args.render or stem + ".json"
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except FileNotFoundError:
+            parser.error(f"--render: {path} does not exist (run the benchmark first, or name its JSON)")
+        except json.JSONDecodeError as exc:
+            parser.error(f"--render: {path} is not JSON ({exc})")
+        if not isinstance(res, dict) or res.get("schema") != 2:
+            parser.error(f"--render: {path} is not a result of this version of the benchmark (no \"schema\": 2)")
         write_report(res, args.out, args.png)
         return res
+    args.json = args.json or stem + ".json"
     smoke = args.smoke
     args.variant = args.variant or ("resnest14d" if smoke else "resnest50")
     args.warmup = args.warmup if args.warmup is not None else (0 if smoke else 1)
     args.repeats = args.repeats if args.repeats is not None else (1 if smoke else 7)
     args.repeats_large = args.repeats_large if args.repeats_large is not None else (1 if smoke else 3)
+    try:
+        eval_loads = parse_workloads(args.eval) if args.eval is not None else SMOKE_EVAL if smoke else FULL_EVAL
+        train_loads = (() if args.no_train else parse_workloads(args.train) if args.train is not None
+                       else SMOKE_TRAIN if smoke else FULL_TRAIN)
+        gc_load = (parse_workloads(args.grad_checkpoint_size)[0] if args.grad_checkpoint_size
+                   else SMOKE_GRAD_CHECKPOINT_LOAD if smoke else GRAD_CHECKPOINT_LOAD)
+        peak_sizes = ([int(n) for n in args.peak_sizes.split(",") if n.strip()] if args.peak_sizes
+                      else [128, 256] if smoke else [1024, 2048, 4096])
+    except (ValueError, IndexError) as exc:
+        parser.error(str(exc) or "bad workload")
+    if not eval_loads and not args.grad_checkpoint_only:
+        parser.error("--eval: give at least one workload (the key one last)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = environment(args.device)
-    print(f"torch {env['torch']}, threads {env['threads']} (interop {env['interop_threads']}), {env['device']}",
-          flush=True)
-    res = {"env": env, "args": dict(vars(args))}
-    rounds = dict(warmup=args.warmup, repeats=args.repeats, repeats_large=args.repeats_large, device=args.device)
-    if not args.grad_checkpoint_only:
-        res["backbone"] = measure_backbones(args.variant, SMOKE_EVAL if smoke else FULL_EVAL,
-                                            () if args.no_train else SMOKE_TRAIN if smoke else FULL_TRAIN,
-                                            compile_=args.compile, memory=not args.no_memory, **rounds)
+    gc_variants = []
     if args.grad_checkpoint or args.grad_checkpoint_only:
-        load = SMOKE_GRAD_CHECKPOINT_LOAD if smoke else GRAD_CHECKPOINT_LOAD
-        if args.grad_checkpoint_size:
-            try:
-                load = Workload(*(int(v) for v in args.grad_checkpoint_size.lower().split("x")))
-            except (TypeError, ValueError):
-                parser.error(f"--grad-checkpoint-size {args.grad_checkpoint_size!r}: give BxHxW, e.g. 2x320x320")
-        variants = (args.grad_checkpoint_variants or args.variant).split(",")
-        res["grad_checkpoint"] = measure_grad_checkpoint(
-            [v.strip() for v in variants if v.strip()], load, warmup=args.warmup, repeats=args.repeats_large,
-            memory=not args.no_memory, device=args.device)  # a heavy step: the detection-size round count
-    if not args.no_detector and not args.grad_checkpoint_only:
-        try:
-            import detectron2  # noqa: F401
-            res["detector"] = measure_detectors(args.variant, detector_workload(smoke), **rounds)
-        except ImportError:
-            logger.info("detectron2 is not installed: no detector benchmark")
-    env["load_after"] = load_average()
-    env["argv"] = list(argv) if argv is not None else sys.argv[1:]
-    if args.json:
-        _write(args.json, json.dumps(res, indent=1))
-    write_report(json.loads(json.dumps(res)), args.out, args.png)  # rendered from the numbers as saved
+        gc_variants = [v.strip() for v in (args.grad_checkpoint_variants or args.variant).split(",") if v.strip()]
+    res = run_benchmark(
+        variant=args.variant, eval_loads=eval_loads, train_loads=train_loads,
+        detector_load=None if args.no_detector else detector_workload(smoke),
+        grad_checkpoint_variants=gc_variants, grad_checkpoint_load=gc_load, backbone=not args.grad_checkpoint_only,
+        compile_=args.compile, warmup=args.warmup, repeats=args.repeats, repeats_large=args.repeats_large,
+        memory=not args.no_memory, peak_sizes=peak_sizes, device=args.device, args=dict(vars(args)),
+        argv=list(argv) if argv is not None else sys.argv[1:])
+    text = json.dumps(res, indent=1)
+    _write(args.json, text + "\n")
+    write_report(json.loads(text), args.out, args.png)  # rendered from the numbers as saved
     return res
 
 

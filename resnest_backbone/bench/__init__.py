@@ -1,16 +1,26 @@
-"""Speed of ResNeSt backbones side by side with the official code, timm and ResNet, and of Faster R-CNN
-ResNeSt-FPN vs R-50-FPN: the candidates (candidates.py) and how they are measured (measure.py). The command
-line and the report (markdown + chart, rendered from the JSON of the numbers) are tools/benchmark.py.
+"""Speed of ResNeSt backbones side by side with the official code, timm and ResNet, each under the same
+menu of treatments, and of Faster R-CNN ResNeSt-FPN vs R-50-FPN. Separate pieces:
 
-Imports torch only; the official resnest package, timm, torchvision, fvcore and detectron2 are imported
-when the candidates or counts that need them are built.
+    candidates.py   workloads and implementations (each built on demand)
+    treatments.py   the treatment menu (eager, channels_last, jit, compile, bf16 autocast, int8) + ours' own
+    measure.py      measuring primitives: interleaved timing, peak memory, GMACs, matmul peak, environment
+    run.py          what is measured: one JSON-able result dict
+    render.py       markdown + png and the goals, from that dict alone
+
+tools/benchmark.py is the command line. Imports torch only; the official resnest package, timm, torchvision,
+fvcore, matplotlib and detectron2 are imported when the pieces that need them run.
 """
 from .candidates import (FULL_EVAL, FULL_TRAIN, GRAD_CHECKPOINT_LOAD, SMOKE_EVAL, SMOKE_GRAD_CHECKPOINT_LOAD,
-                         SMOKE_TRAIN, Candidate, Workload, backbone_candidates, candidate_names, detector_models,
-                         detector_workload, resnet_depth_name)
-from .measure import environment, load_average, measure_backbones, measure_detectors, measure_grad_checkpoint
+                         SMOKE_TRAIN, Implementation, Workload, backbone_implementations, detector_implementations,
+                         detector_workload, parse_workloads, resnet_depth_name)
+from .measure import environment, load_average, matmul_peak
+from .render import goals, render_markdown, render_png
+from .run import run_backbones, run_benchmark, run_detectors, run_grad_checkpoint
+from .treatments import DETECTOR_MENU, EVAL_MENU, TRAIN_MENU, Treatment, menu, own_treatments
 
-__all__ = ["Candidate", "FULL_EVAL", "FULL_TRAIN", "GRAD_CHECKPOINT_LOAD", "SMOKE_EVAL", "SMOKE_GRAD_CHECKPOINT_LOAD",
-           "SMOKE_TRAIN", "Workload", "backbone_candidates", "candidate_names", "detector_models", "detector_workload",
-           "environment", "load_average", "measure_backbones", "measure_detectors", "measure_grad_checkpoint",
-           "resnet_depth_name"]
+__all__ = ["DETECTOR_MENU", "EVAL_MENU", "FULL_EVAL", "FULL_TRAIN", "GRAD_CHECKPOINT_LOAD", "Implementation",
+           "SMOKE_EVAL", "SMOKE_GRAD_CHECKPOINT_LOAD", "SMOKE_TRAIN", "TRAIN_MENU", "Treatment", "Workload",
+           "backbone_implementations", "detector_implementations", "detector_workload", "environment", "goals",
+           "load_average", "matmul_peak", "menu", "own_treatments", "parse_workloads", "render_markdown",
+           "render_png", "resnet_depth_name", "run_backbones", "run_benchmark", "run_detectors",
+           "run_grad_checkpoint"]

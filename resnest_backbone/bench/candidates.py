@@ -1,25 +1,23 @@
-"""What tools/benchmark.py measures: the workloads, and the candidate models, each built on demand (the
+"""What tools/benchmark.py measures: the workloads, and the implementations, each built on demand (the
 official resnest==0.0.5, timm, torchvision and detectron2 are imported only by the builders that need them).
 
-Backbone candidates all return the four stage outputs (res2..res5), no classifier: ours (training form, in
-channels_last, and the inference fast path), the official code, timm, and a torchvision ResNet of the same
-depth (eager, and with the same inference treatment: BN folded + channels_last); with compile, the fast path
-and the folded ResNet under torch.compile. Detector candidates: Faster R-CNN ResNeSt-FPN and R-50-FPN from
-the same config, eager and fused + channels_last.
+Backbone implementations all return the four stage outputs (res2..res5), no classifier: ours, the official
+code, timm, and a torchvision ResNet of the same depth. Each gets the same treatments (treatments.py); ours
+also its own fast path. Detectors: Faster R-CNN ResNeSt-FPN and R-50-FPN from the same config.
 """
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
 
 import torch
 from torch import nn
 
 from ..core import build_resnest, get_variant
-from ..core.fuse import deploy, fuse_model
+from .treatments import Treatment, own_treatments
 
-__all__ = ["Candidate", "FULL_EVAL", "FULL_TRAIN", "GRAD_CHECKPOINT_LOAD", "SMOKE_EVAL", "SMOKE_GRAD_CHECKPOINT_LOAD",
-           "SMOKE_TRAIN", "Stages", "Workload",
-           "backbone_candidates", "candidate_names", "detector_models", "detector_workload", "fold_bn_fx",
-           "official_resnest", "resnet_depth_name", "timm_resnest", "torchvision_resnet"]
+__all__ = ["FULL_EVAL", "FULL_TRAIN", "GRAD_CHECKPOINT_LOAD", "Implementation", "SMOKE_EVAL",
+           "SMOKE_GRAD_CHECKPOINT_LOAD", "SMOKE_TRAIN", "Stages", "Workload", "backbone_implementations",
+           "detector_implementations", "detector_workload", "official_resnest", "parse_workloads", "resnet_depth_name",
+           "timm_resnest", "torchvision_resnet"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +38,28 @@ class Workload:
         return torch.randn(self.batch, 3, self.height, self.width, generator=torch.Generator().manual_seed(seed))
 
 
+# The last workload of each list is the key one (the goals are judged there).
 FULL_EVAL = (Workload(1, 224, 224), Workload(8, 224, 224), Workload(1, 800, 1216))
-FULL_TRAIN = (Workload(1, 224, 224), Workload(8, 224, 224), Workload(1, 800, 1216), Workload(2, 800, 1216))
+FULL_TRAIN = (Workload(2, 800, 1216),)
 SMOKE_EVAL = (Workload(1, 64, 64), Workload(2, 64, 96))
 SMOKE_TRAIN = (Workload(2, 64, 64),)
 GRAD_CHECKPOINT_LOAD, SMOKE_GRAD_CHECKPOINT_LOAD = Workload(2, 320, 320), Workload(2, 64, 64)
+
+
+def parse_workloads(text: str) -> Tuple[Workload, ...]:
+    """"1x800x1216,8x224x224" -> workloads ("" -> none); ValueError naming the bad item."""
+    loads = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            b, h, w = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"workload {item!r}: give BxHxW, e.g. 1x800x1216") from None
+        if min(b, h, w) < 1:
+            raise ValueError(f"workload {item!r}: batch, height and width must be positive")
+        loads.append(Workload(b, h, w))
+    return tuple(loads)
 
 
 def detector_workload(smoke: bool = False) -> Workload:
@@ -70,15 +85,13 @@ class Stages(nn.Module):
         return [c2, c3, c4, self.layer4(c4)]
 
 
-@dataclass
-class Candidate:
+@dataclass(frozen=True)
+class Implementation:
+    role: str  # "ours", "official", "timm", "resnet": what the report compares
     name: str
     build: Callable[[], nn.Module]
-    trains: bool = True  # has a training step (the fast path is inference only)
-    channels_last: bool = False  # feed channels_last inputs
-    arch: str = "resnest"  # which fvcore count applies ("resnest" / "resnet")
-    module: Optional[nn.Module] = None
-    error: Dict[str, str] = field(default_factory=dict)
+    arch: str = "resnest"  # which GMAC count applies ("resnest" / "resnet")
+    own: Tuple[Treatment, ...] = ()  # treatments only this implementation has
 
 
 def official_resnest(variant: str) -> nn.Module:
@@ -106,66 +119,34 @@ def torchvision_resnet(variant: str) -> nn.Module:
     return ResNet(Bottleneck, list(get_variant(variant).layers))
 
 
-def fold_bn_fx(model: nn.Module) -> nn.Module:
-    """The same inference treatment for a plain ResNet: conv+BN folding (torch.fx) and channels_last."""
-    from torch.fx.experimental.optimization import fuse
-
-    return fuse(model.eval()).to(memory_format=torch.channels_last)
-
-
 def resnet_depth_name(variant: str) -> str:
     return f"ResNet-{sum(get_variant(variant).layers) * 3 + 2}"
 
 
-def candidate_names(variant: str) -> Dict[str, str]:
-    """The backbone candidates' names by role (the report compares roles)."""
-    rn = resnet_depth_name(variant)
-    fast, rn_fast = f"{variant} ours, fast path", f"{rn} torchvision, BN folded + channels_last"
-    return {"ours": f"{variant} ours", "ours_cl": f"{variant} ours, channels_last", "fast": fast,
-            "official": f"{variant} official 0.0.5", "timm": f"{variant} timm", "resnet": f"{rn} torchvision",
-            "resnet_fast": rn_fast, "fast_compiled": f"{fast} + torch.compile",
-            "resnet_fast_compiled": f"{rn_fast} + torch.compile"}
-
-
-def backbone_candidates(variant: str, compile_: bool) -> List[Candidate]:
-    n = candidate_names(variant)
-    cands = [
-        Candidate(n["ours"], lambda: build_resnest(variant)),
-        Candidate(n["ours_cl"], lambda: build_resnest(variant).to(memory_format=torch.channels_last),
-                  channels_last=True),
-        Candidate(n["fast"], lambda: deploy(build_resnest(variant).eval(), channels_last=True),
-                  trains=False, channels_last=True),
-        Candidate(n["official"], lambda: Stages(official_resnest(variant))),
-        Candidate(n["timm"], lambda: Stages(timm_resnest(variant))),
-        Candidate(n["resnet"], lambda: Stages(torchvision_resnet(variant)), arch="resnet"),
-        Candidate(n["resnet_fast"], lambda: fold_bn_fx(Stages(torchvision_resnet(variant))), trains=False,
-                  channels_last=True, arch="resnet"),
+def backbone_implementations(variant: str, compile_: bool = False) -> List[Implementation]:
+    """Ours, the official code, timm and torchvision's ResNet of the same depth (built with the current
+    torch seed: seed before each build for the same weights)."""
+    return [
+        Implementation("ours", f"{variant} ours", lambda: build_resnest(variant), own=tuple(own_treatments(compile_))),
+        Implementation("official", f"{variant} official 0.0.5", lambda: Stages(official_resnest(variant))),
+        Implementation("timm", f"{variant} timm", lambda: Stages(timm_resnest(variant))),
+        Implementation("resnet", f"{resnet_depth_name(variant)} torchvision",
+                       lambda: Stages(torchvision_resnet(variant)), arch="resnet"),
     ]
-    if compile_:
-        cands.append(Candidate(n["fast_compiled"],
-                               lambda: deploy(build_resnest(variant).eval(), channels_last=True, compile=True),
-                               trains=False, channels_last=True))
-        cands.append(Candidate(n["resnet_fast_compiled"],
-                               lambda: torch.compile(fold_bn_fx(Stages(torchvision_resnet(variant))),
-                                                     options={"freezing": True}),
-                               trains=False, channels_last=True, arch="resnet"))
-    return cands
 
 
-def detector_models(variant: str, fuse: bool, device: str = "cpu") -> Dict[str, nn.Module]:
-    """Faster R-CNN (FPN, 4conv1fc head) with our `variant` trunk and with detectron2's ResNet-50 trunk, from
-    the same config (faster_rcnn_resnest50_fpn.yaml); with `fuse` also each one fused + channels_last."""
-    from ..d2.export import build_detectron2_model
+def detector_implementations(variant: str, device: str = "cpu") -> List[Implementation]:
+    """Faster R-CNN (FPN, 4conv1fc head) with our `variant` trunk ("ours") and with detectron2's ResNet-50
+    trunk ("resnet"), from the same config (faster_rcnn_resnest50_fpn.yaml), each built with seed 0."""
 
-    models = {}
-    for arch in ("resnest", "resnet"):
+    def build(arch: str) -> nn.Module:
+        from ..d2.export import build_detectron2_model
+
         opts = ["MODEL.RESNEST.VARIANT", variant]
         if arch == "resnet":  # same config (FPN, 4conv1fc head, norms), detectron2's ResNet-50 trunk
             opts += ["MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.RESNETS.DEPTH", 50]
         torch.manual_seed(0)
-        _, model = build_detectron2_model("faster_rcnn_resnest50_fpn.yaml", opts, device=device)
-        name = (f"Faster R-CNN {variant}-FPN" if arch == "resnest" else "Faster R-CNN R-50-FPN")
-        models[name] = model
-        if fuse:  # the backbone fast path's treatment: norms folded (trunk, FPN, head) + channels_last
-            models[name + ", fused + channels_last"] = fuse_model(model, channels_last=True)
-    return models
+        return build_detectron2_model("faster_rcnn_resnest50_fpn.yaml", opts, device=device)[1]
+
+    return [Implementation("ours", f"Faster R-CNN {variant}-FPN", lambda: build("resnest")),
+            Implementation("resnet", "Faster R-CNN R-50-FPN", lambda: build("resnet"), arch="resnet")]

@@ -1,18 +1,15 @@
-"""How tools/benchmark.py measures. Every model runs in one process, interleaved (A B C A B C ...) so that
-drifts in machine load hit all of them alike, after warm-up rounds; each number is the median over the
-repeats. Per workload (batch x height x width):
+"""The measuring primitives of tools/benchmark.py (what is run, and on what, is run.py):
 
-  eval   latency of one forward pass in eval mode under torch.no_grad()
-  train  one training step: forward in train mode + backward of the sum of the outputs' means
-  peak   peak memory of the tensors allocated during the step (on CPU, counted by a dispatch-mode tracker
-         over tensor storages; on CUDA, torch.cuda.max_memory_allocated), above what existed before it
-  GMAC   multiply-adds of the architecture (fvcore; it reports a multiply-add as one "flop")
-
-measure_grad_checkpoint() times the training step and its peak memory of our trunk with and without
-gradient checkpointing (the same weights). measure_backbones(), measure_detectors() and
-measure_grad_checkpoint() return plain dicts (JSON as they are) that the report is rendered from.
+  interleaved  ms per round of several callables timed in interleaved rounds (A B C A B C ...), so that
+               drifts in machine load hit all of them alike, after warm-up rounds (the report gives medians)
+  eval_step    one forward pass (eval mode is the caller's) under torch.no_grad()
+  train_step   one training step: forward + backward of the sum of the outputs' means
+  measure_peak peak memory of the tensors allocated during a step (on CPU, counted by a dispatch-mode tracker
+               over tensor storages; on CUDA, torch.cuda.max_memory_allocated), above what existed before it
+  count_gmacs  multiply-adds of the architecture (fvcore; it reports a multiply-add as one "flop")
+  matmul_peak  the machine's limit: square matmul GFLOP/s per dtype on the current threads
+  environment  what a timing depends on (device, torch, threads, load, CPU flags)
 """
-import copy
 import datetime
 import logging
 import os
@@ -21,18 +18,15 @@ import statistics
 import time
 import warnings
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..core import build_resnest
-from .candidates import Candidate, Stages, Workload, backbone_candidates, detector_models, torchvision_resnet
-
 logger = logging.getLogger("resnest.benchmark")
 
-__all__ = ["PeakTensorMemory", "count_gmacs", "environment", "eval_step", "interleaved", "load_average",
-           "measure_backbones", "measure_detectors", "measure_grad_checkpoint", "measure_peak", "train_step",
+__all__ = ["MATMUL_DTYPES", "PeakTensorMemory", "count_gmacs", "cpu_flags", "environment", "eval_step",
+           "interleaved", "load_average", "matmul_peak", "matmul_rate", "measure_peak", "median", "train_step",
            "try_call"]
 
 
@@ -88,12 +82,12 @@ def _outputs(out) -> List[torch.Tensor]:
     return list(out)
 
 
-def eval_step(model: nn.Module, x) -> None:
+def eval_step(model: Callable, x):
     with torch.no_grad():
-        model(x)
+        return model(x)
 
 
-def train_step(model: nn.Module, x: torch.Tensor) -> None:
+def train_step(model: Callable, x: torch.Tensor) -> None:
     loss = sum(o.float().mean() for o in _outputs(model(x)))
     loss.backward()
 
@@ -128,9 +122,10 @@ def count_gmacs(model: nn.Module, x: torch.Tensor) -> float:
         return analysis.total() / 1e9
 
 
-def interleaved(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int,
-                device: torch.device) -> Dict[str, Optional[float]]:
-    """Median ms per callable, timed in interleaved rounds."""
+def interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int,
+                device: torch.device) -> Dict[str, List[float]]:
+    """ms of each timed round per callable, timed in interleaved rounds (A B C A B C ...) after `warmup`
+    untimed ones."""
     times: Dict[str, List[float]] = {name: [] for name in fns}
     alive = dict(fns)
     for round_ in range(warmup + repeats):
@@ -141,135 +136,82 @@ def interleaved(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int,
             _sync(device)
             if round_ >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) if t else None for name, t in times.items()}
+    return times
 
 
-def try_call(fn: Callable[[], None]) -> Optional[str]:
-    """None if fn() runs, else a one-line description of what it raised."""
+def median(times: Sequence[float]) -> Optional[float]:
+    return statistics.median(times) if times else None
+
+
+def _describe(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {msg[:160]}"
+
+
+def try_call(fn: Callable[[], object]) -> Tuple[object, Optional[str]]:
+    """(fn(), None) if it runs, else (None, a one-line description of what it raised)."""
     try:
-        fn()
-        return None
+        return fn(), None
     except Exception as exc:  # noqa: BLE001 - a model that fails a workload is reported, not fatal
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"{type(exc).__name__}: {msg[:90]}"
+        return None, _describe(exc)
 
 
-def measure_backbones(variant: str, eval_loads: Sequence[Workload], train_loads: Sequence[Workload],
-                      warmup: int = 1, repeats: int = 7, repeats_large: int = 3, compile_: bool = False,
-                      memory: bool = True, device="cpu") -> dict:
-    """Every backbone candidate on every workload: {"eval", "train", "eval_peak", "train_peak": {workload:
-    {candidate: ms or MiB}}, "gmacs": {workload: {"resnest", "resnet"}}, "errors": {kind: {workload:
-    {candidate: message}}}, "candidates": [{"name", "arch", "trains"}]}."""
+def matmul_rate(dtype: torch.dtype, n: int, repeats: int = 3, device="cpu") -> float:
+    """GFLOP/s (2 n^3 per product) of an n x n @ n x n matmul in `dtype` on the current threads: the best of
+    `repeats` timed products after one untimed. int8: torch._int_mm (int32 accumulation)."""
     device = torch.device(device)
-    cands = backbone_candidates(variant, compile_)
-    torch.manual_seed(0)
-    for c in cands:
-        logger.info("building %s", c.name)
-        c.module = c.build().to(device)
-    results: dict = {"eval": {}, "train": {}, "eval_peak": {}, "train_peak": {}, "gmacs": {}, "errors": {}}
-
-    # FLOPs: one count per architecture and eval workload (the implementations do the same arithmetic).
-    ref = {"resnest": build_resnest(variant).eval(), "resnet": Stages(torchvision_resnet(variant))}
-    for w in eval_loads:
-        x = w.input()
-        results["gmacs"][w.label] = {arch: count_gmacs(m, x) for arch, m in ref.items()}
-
-    def prepared(c: Candidate, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device)
-        return x.contiguous(memory_format=torch.channels_last) if c.channels_last else x
-
-    for kind, loads in (("eval", eval_loads), ("train", train_loads)):
-        for w in loads:
-            logger.info("%s %s", kind, w.label)
-            fns = {}
-            for c in cands:
-                if kind == "train" and not c.trains:
-                    continue
-                x = prepared(c, w.input())
-                m = c.module
-                if kind == "eval":
-                    m.eval()
-                    fn = (lambda m=m, x=x: eval_step(m, x))
-                else:
-                    m.train()
-                    fn = (lambda m=m, x=x: (train_step(m, x), m.zero_grad(set_to_none=True)))
-                err = try_call(fn)  # also the compile / first-call warm-up
-                if err:
-                    results["errors"].setdefault(kind, {}).setdefault(w.label, {})[c.name] = err
-                    logger.info("  %s fails: %s", c.name, err)
-                    continue
-                fns[c.name] = fn
-            times = interleaved(fns, warmup, repeats_large if w.large else repeats, device)
-            results[kind][w.label] = times
-            if memory:
-                peaks = {}
-                for c in cands:
-                    if c.name not in fns or "compile" in c.name:
-                        continue
-                    x = prepared(c, w.input())
-                    m = c.module
-                    if kind == "eval":
-                        peaks[c.name] = measure_peak(lambda: eval_step(m, x), device)
-                    else:
-                        peaks[c.name] = measure_peak(lambda: train_step(m, x), device)
-                        m.zero_grad(set_to_none=True)
-                results[f"{kind}_peak"][w.label] = peaks
-            for name, t in times.items():
-                logger.info("  %-50s %9.1f ms", name, t)
-    results["candidates"] = [{"name": c.name, "arch": c.arch, "trains": c.trains} for c in cands]
-    return results
+    gen = torch.Generator().manual_seed(0)
+    if dtype == torch.int8:
+        a, b = (torch.randint(-64, 64, (n, n), generator=gen, dtype=torch.int8).to(device) for _ in range(2))
+        op = torch._int_mm
+    else:
+        a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+        op = torch.mm
+    op(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        op(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
 
 
-def measure_detectors(variant: str, workload: Workload, warmup: int = 1, repeats: int = 7,
-                      repeats_large: int = 3, device="cpu") -> dict:
-    """Eval latency of the detector candidates (detectron2): {"workload", "eval": {model: ms},
-    "errors": {model: message}}."""
-    device = torch.device(device)
-    models = detector_models(variant, fuse=True, device=str(device))
-    image = torch.rand(3, workload.height, workload.width, generator=torch.Generator().manual_seed(0)) * 255
-    inputs = [{"image": image.to(device)}]
-    fns = {name: (lambda m=m: eval_step(m, inputs)) for name, m in models.items()}
-    errors = {}
-    for name in list(fns):
-        err = try_call(fns[name])
-        if err:
-            errors[name] = err
-            del fns[name]
-    logger.info("detector eval %s", workload.label)
-    times = interleaved(fns, warmup, repeats_large if workload.large else repeats, device)
-    for name, t in times.items():
-        logger.info("  %-50s %9.1f ms", name, t)
-    return {"workload": workload.label, "eval": times, "errors": errors}
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
-def measure_grad_checkpoint(variants: Sequence[str], workload: Workload, warmup: int = 1, repeats: int = 3,
-                            memory: bool = True, device="cpu") -> dict:
-    """Training step (forward + backward, as train_step) of our trunk without and with gradient
-    checkpointing (grad_checkpoint=True, the same weights), interleaved, per variant: {"workload",
-    "rows": [{"variant", "plain_ms", "checkpoint_ms", "plain_peak", "checkpoint_peak"}]} (ms medians,
-    peak tensor MiB)."""
-    device = torch.device(device)
-    rows = []
-    for variant in variants:
-        logger.info("grad checkpoint %s %s", variant, workload.label)
-        torch.manual_seed(0)
-        plain = build_resnest(variant).to(device).train()
-        checkpointed = copy.deepcopy(plain).set_grad_checkpointing(True)
-        x = workload.input().to(device)
-        fns = {name: (lambda m=m: (train_step(m, x), m.zero_grad(set_to_none=True)))
-               for name, m in (("plain", plain), ("checkpoint", checkpointed))}
-        for fn in fns.values():
-            fn()  # first call: allocations, oneDNN primitives
-        times = interleaved(fns, warmup, repeats, device)
-        row = {"variant": variant, "plain_ms": times["plain"], "checkpoint_ms": times["checkpoint"]}
-        if memory:
-            for name, m in (("plain", plain), ("checkpoint", checkpointed)):
-                row[f"{name}_peak"] = measure_peak(lambda m=m: train_step(m, x), device)
-                m.zero_grad(set_to_none=True)
-        logger.info("  %s", row)
-        rows.append(row)
-        del plain, checkpointed
-    return {"workload": workload.label, "rows": rows}
+def matmul_peak(sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 3, device="cpu") -> dict:
+    """The machine's limit on the current threads: matmul GFLOP/s per dtype (fp32, bf16, int8) and size,
+    and the max over sizes: {dtype: {"sizes": {n: GFLOP/s}, "gflops": max} or {"error": message}}.
+    "bf16_over_fp32" is the ratio of the two peaks: well above 1 when bf16 runs on native instructions
+    (AVX512-BF16 / AMX on CPU), about 1 or below when it is emulated through fp32."""
+    out: dict = {}
+    for name, dtype in MATMUL_DTYPES.items():
+        rates = {}
+        try:
+            for n in sizes:
+                rates[str(n)] = matmul_rate(dtype, n, repeats, device)
+        except Exception as exc:  # noqa: BLE001 - e.g. no int8 matmul on this device / torch
+            out[name] = {"error": _describe(exc)}
+            continue
+        out[name] = {"sizes": rates, "gflops": max(rates.values())}
+        logger.info("matmul %s: %s GFLOP/s", name, ", ".join(f"{n}: {r:.0f}" for n, r in rates.items()))
+    if "gflops" in out["fp32"] and "gflops" in out["bf16"]:
+        out["bf16_over_fp32"] = out["bf16"]["gflops"] / out["fp32"]["gflops"]
+    return out
+
+
+def cpu_flags() -> List[str]:
+    """The CPU's bf16 / int8 matrix flags from /proc/cpuinfo (avx512_bf16, amx_bf16, amx_int8, avx512_vnni,
+    ...), where readable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(f for f in set(flags) if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx512f",
+                                                                        "avx_vnni", "avx2"))
 
 
 def load_average() -> Optional[float]:
@@ -281,7 +223,8 @@ def load_average() -> Optional[float]:
 
 
 def environment(device="cpu") -> dict:
-    """Date, device name, torch version and threads, load average, OMP_WAIT_POLICY: what a timing depends on."""
+    """Date, device name, torch version and threads, load average, OMP_WAIT_POLICY, the CPU's vector
+    capability (as torch sees it) and matrix flags: what a timing depends on."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -296,4 +239,5 @@ def environment(device="cpu") -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": name,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(), "load_before": load_average(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": cpu_flags()}

@@ -1,0 +1,411 @@
+"""The benchmark report (markdown + bar chart), rendered from the result dict of run.py alone (as saved in
+JSON): `render_markdown(res)` is a pure function of it, so a committed JSON regenerates the report byte for
+byte. `goals(res)` judges the issue-12 goals on the numbers; a goal whose numbers are missing (a failure, a
+part not run) is "not measured", never met.
+"""
+import os
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["GOAL_TARGETS", "best", "goals", "render_markdown", "render_png"]
+
+# Issue 12 goals (benchmark goals: the report shows whether each is met).
+GOAL_TARGETS = {"fp32_peak_fraction": 0.92, "detector_ratio": 1.15, "train_speedup": 1.2, "bf16_speedup": 2.5}
+COMPETITORS = ("official", "timm", "resnet")
+
+
+def _fmt(v: Optional[float], digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _dtype(res: dict, treatment: str) -> str:
+    return res.get("treatments", {}).get(treatment, {}).get("dtype", "fp32")
+
+
+def best(res: dict, entries: Dict[str, dict],
+         dtypes: Tuple[str, ...] = ("fp32",)) -> Tuple[Optional[str], Optional[float]]:
+    """(treatment, ms) of the fastest measured entry whose treatment computes in one of `dtypes`."""
+    timed = [(e["ms"], name) for name, e in (entries or {}).items()
+             if e.get("ms") is not None and _dtype(res, name) in dtypes]
+    if not timed:
+        return None, None
+    ms, name = min(timed)
+    return name, ms
+
+
+def _gflops(gmacs: Optional[float], ms: Optional[float]) -> Optional[float]:
+    return None if gmacs is None or not ms else 2 * gmacs / (ms / 1e3)
+
+
+def _peak(res: dict, dtype: str) -> Optional[float]:
+    return res.get("peak", {}).get(dtype, {}).get("gflops")
+
+
+def _names(res: dict) -> Dict[str, str]:
+    return {i["role"]: i["name"] for i in res["backbone"]["implementations"]}
+
+
+# -------------------------------------------------------------------------------------------------- goals
+def goals(res: dict) -> List[dict]:
+    """The issue-12 goals on the measured numbers: [{"goal", "target", "measured", "met" (True / False /
+    None = not measured), "how"}]."""
+    bb = res.get("backbone", {})
+    key, key_train = bb.get("key_eval"), bb.get("key_train")
+    ev = bb.get("eval", {}).get(key, {})
+    gm = bb.get("gmacs", {}).get(key, {})
+    out = []
+
+    def add(goal, target, value, met, how, fmt):
+        out.append({"goal": goal, "target": target, "measured": "-" if value is None else fmt(value),
+                    "met": None if value is None or met is None else bool(met), "how": how})
+
+    # 1: ours fp32 throughput at the key workload as a fraction of the fp32 matmul peak
+    t1, ms1 = best(res, ev.get("ours", {}))
+    frac = _ratio(_gflops(gm.get("resnest"), ms1), _peak(res, "fp32"))
+    target = GOAL_TARGETS["fp32_peak_fraction"]
+    add(f"ours fp32 eval {key}: throughput / fp32 matmul peak", f">= {target:.0%}", frac,
+        None if frac is None else frac >= target, f"ours' best fp32 treatment ({t1}), 2 x GMAC / s", _pct)
+    # 2: time ratio to ResNet, each under its best fp32 treatment, against the MAC ratio
+    tr, msr = best(res, ev.get("resnet", {}))
+    mac = _ratio(gm.get("resnest"), gm.get("resnet"))
+    r2 = _ratio(ms1, msr)
+    add(f"eval {key}: time ours / {_names(res).get('resnet', 'ResNet')}", "<= MAC ratio"
+        + ("" if mac is None else f" {mac:.3f}"), r2, None if r2 is None or mac is None else r2 <= mac,
+        f"best fp32 of each: ours {t1}, ResNet {tr}", lambda v: f"{v:.3f}")
+    # 3: Faster R-CNN, both fused + channels_last
+    det = res.get("detector", {})
+    fused = "fused + channels_last"
+    r3 = _ratio(det.get("eval", {}).get("ours", {}).get(fused, {}).get("ms"),
+                det.get("eval", {}).get("resnet", {}).get(fused, {}).get("ms"))
+    target = GOAL_TARGETS["detector_ratio"]
+    add(f"Faster R-CNN eval {det.get('workload', '(not run)')}: time ours-FPN / R-50-FPN", f"<= {target:.2f}", r3,
+        None if r3 is None else r3 <= target, f"both {fused}", lambda v: f"{v:.3f}")
+    # 4: training step like for like (both channels_last): speed and peak memory vs the official code
+    tr_ = bb.get("train", {}).get(key_train, {})
+    key_train = key_train or "(not run)"
+    ours_t, off_t = tr_.get("ours", {}).get("channels_last", {}), tr_.get("official", {}).get("channels_last", {})
+    r4 = _ratio(off_t.get("ms"), ours_t.get("ms"))
+    mem = _ratio(ours_t.get("peak_mib"), off_t.get("peak_mib"))
+    target = GOAL_TARGETS["train_speedup"]
+    add(f"training step {key_train}, both channels_last: official time / ours", f">= {target:.2f}x", r4,
+        None if r4 is None else r4 >= target, "forward + backward, medians", lambda v: f"{v:.3f}x")
+    add(f"training step {key_train}, both channels_last: peak memory ours / official", "<= 1", mem,
+        None if mem is None else mem <= 1, "peak tensor memory of one step", lambda v: f"{v:.3f}")
+    # 5 (item 3): ours in bf16 vs the official code under its best fp32 treatment
+    to, mso = best(res, ev.get("official", {}))
+    tb, msb = best(res, ev.get("ours", {}), ("bf16",))
+    r5 = _ratio(mso, msb)
+    target = GOAL_TARGETS["bf16_speedup"]
+    add(f"eval {key}: ours bf16 vs official best fp32: speed-up", f">= {target:.1f}x", r5,
+        None if r5 is None else r5 >= target, f"ours {tb}, official {to}", lambda v: f"{v:.2f}x")
+    return out
+
+
+def _met(g: dict) -> str:
+    return "not measured" if g["met"] is None else "met" if g["met"] else "**NOT MET**"
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+def _measured_line(env: dict, args: dict, rounds: Optional[str] = None) -> str:
+    rounds = rounds or f"{args['repeats']} timed rounds ({args['repeats_large']} at detection size)"
+    return (f"Measured {env['date']} on {env['device']}; torch {env['torch']}, {env['threads']} threads "
+            f"(interop {env['interop_threads']}"
+            + (f", OMP_WAIT_POLICY={env['omp_wait_policy']}" if env.get("omp_wait_policy") else "")
+            + f"); {args['warmup']} warm-up + {rounds}, interleaved, medians; machine "
+            f"load average {env.get('load_before')} before, {env.get('load_after')} after "
+            "(other processes share the CPUs when it exceeds the thread count)"
+            + (f"; the run took {env['duration_s'] / 60:.1f} min" if env.get("duration_s") is not None else "")
+            + f". Generated by `python tools/benchmark.py {' '.join(env.get('argv', []))}`.")
+
+
+def render_grad_checkpoint(gc: dict) -> list:
+    """The gradient-checkpointing section: time and peak memory of a training step without / with."""
+    lines = [f"## Gradient checkpointing: training step {gc['workload']} (forward + backward)", "",
+             "| variant | step ms, plain | step ms, checkpointed | time ratio | peak MiB, plain | "
+             "peak MiB, checkpointed | memory ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in gc["rows"]:
+        lines.append(f"| {r['variant']} | {_fmt(r['plain_ms'])} | {_fmt(r['checkpoint_ms'])} | "
+                     f"{_fmt(_ratio(r['checkpoint_ms'], r['plain_ms']), 2)} | {_fmt(r.get('plain_peak'), 0)} | "
+                     f"{_fmt(r.get('checkpoint_peak'), 0)} | "
+                     f"{_fmt(_ratio(r.get('checkpoint_peak'), r.get('plain_peak')), 2)} |")
+    lines += ["", "Checkpointed: `grad_checkpoint=True` (detectron2 `MODEL.RESNEST.GRAD_CHECKPOINT`, mmdet/mmseg "
+              "`with_cp=True`), each bottleneck recomputed in the backward; the same weights, the same gradients. "
+              "Peak: tensors allocated during the step (weight gradients included); the stem is not checkpointed.",
+              ""]
+    return lines
+
+
+class _Failures:
+    """Numbered footnotes for failed entries; one number per (model, treatment, message)."""
+
+    def __init__(self):
+        self.notes: Dict[Tuple[str, str, str], Tuple[int, List[str]]] = {}
+
+    def cell(self, model: str, treatment: str, workload: str, message: str) -> str:
+        key = (model, treatment, message)
+        if key not in self.notes:
+            self.notes[key] = (len(self.notes) + 1, [])
+        n, loads = self.notes[key]
+        if workload not in loads:
+            loads.append(workload)
+        return f"fails [{n}]"
+
+    def lines(self) -> List[str]:
+        if not self.notes:
+            return []
+        out = ["## Failures", ""]
+        for (model, treatment, message), (n, loads) in self.notes.items():
+            out.append(f"{n}. {model} / {treatment} ({', '.join(loads)}): {message.replace('|', '/')}")
+        return out + [""]
+
+
+def _columns(res: dict, mode: str) -> List[str]:
+    """Treatment columns in menu order (the order the entries were measured in)."""
+    cols: List[str] = []
+    for per_load in res["backbone"][mode].values():
+        for entries in per_load.values():
+            for name in entries:
+                if name not in cols:
+                    cols.append(name)
+    return cols
+
+
+def _peak_section(res: dict) -> List[str]:
+    peak = res.get("peak", {})
+    sizes: List[str] = []
+    for d in ("fp32", "bf16", "int8"):
+        for n in peak.get(d, {}).get("sizes", {}):
+            if n not in sizes:
+                sizes.append(n)
+    lines = ["## Machine limit: matmul peak (GFLOP/s, same threads)", "",
+             "| dtype | " + " | ".join(f"{n}x{n}" for n in sizes) + " | peak |", "|---|" + "---:|" * (len(sizes) + 1)]
+    for d in ("fp32", "bf16", "int8"):
+        p = peak.get(d, {})
+        if "error" in p:
+            lines.append(f"| {d} | " + " | ".join("-" for _ in sizes) + f" | not available: {p['error']} |")
+        elif p:
+            lines.append(f"| {d} | " + " | ".join(_fmt(p["sizes"].get(n), 0) for n in sizes)
+                         + f" | {_fmt(p['gflops'], 0)} |")
+    env = res["env"]
+    ratio = peak.get("bf16_over_fp32")
+    if ratio is not None:
+        native = ("well above 1: bf16 runs on native bf16 instructions" if ratio >= 1.5 else
+                  "not above 1.5: bf16 is probably emulated through fp32 (no native bf16 matmul)")
+        lines += ["", f"bf16 / fp32 peak: {ratio:.2f} ({native}); torch CPU capability "
+                  f"{env.get('cpu_capability', '-')}, CPU flags: {', '.join(env.get('cpu_flags') or ['-'])}."]
+    lines += ["", "Square `torch.mm` (int8: `torch._int_mm`, int32 accumulation), best of 3 after one untimed "
+              "product; GFLOP/s = 2 n^3 / s. Throughputs below are 2 x GMAC / s as a fraction of the peak of the "
+              "treatment's dtype.", ""]
+    return lines
+
+
+def _eval_table(res: dict, w: str, fails: _Failures) -> List[str]:
+    bb = res["backbone"]
+    names = _names(res)
+    cols = _columns(res, "eval")
+    gm = bb["gmacs"].get(w, {})
+    arch = {i["role"]: i["arch"] for i in bb["implementations"]}
+    lines = [f"### eval {w} ({', '.join(f'{a} {g:.2f}' for a, g in gm.items())} GMAC)", "",
+             "| implementation | " + " | ".join(cols) + " | best fp32 | best any |",
+             "|---|" + "---:|" * (len(cols) + 2)]
+    for role, entries in bb["eval"][w].items():
+        cells = []
+        for c in cols:
+            e = entries.get(c)
+            if e is None:
+                cells.append("")
+            elif "error" in e:
+                cells.append(fails.cell(names[role], c, w, e["error"]))
+            else:
+                frac = _ratio(_gflops(gm.get(arch[role]), e["ms"]), _peak(res, _dtype(res, c)))
+                cells.append(f"{e['ms']:.1f} ({_pct(frac)})")
+        for dtypes in (("fp32",), ("fp32", "bf16", "int8")):
+            t, ms = best(res, entries, dtypes)
+            cells.append("-" if t is None else f"{ms:.1f} {t}")
+        lines.append(f"| {names[role]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _ratio_section(res: dict) -> List[str]:
+    bb = res["backbone"]
+    names = _names(res)
+    cols = _columns(res, "eval")
+    lines = ["## Time ratio ours / other (< 1: ours faster)", "",
+             "Same treatment on both sides; last columns: the best fp32 treatment of each, and the best of any "
+             f"dtype of each. Against {names.get('resnet', 'ResNet')} the goal is a time ratio no larger than the "
+             "MAC ratio.", "",
+             "| workload | other | " + " | ".join(cols) + " | best fp32 | best any | MAC ratio |",
+             "|---|---|" + "---:|" * (len(cols) + 3)]
+    for w, per in bb["eval"].items():
+        ours = per.get("ours", {})
+        gm = bb["gmacs"].get(w, {})
+        for role in COMPETITORS:
+            if role not in per:
+                continue
+            other = per[role]
+            cells = [_fmt(_ratio(ours.get(c, {}).get("ms"), other.get(c, {}).get("ms")), 2) for c in cols]
+            for dtypes in (("fp32",), ("fp32", "bf16", "int8")):
+                cells.append(_fmt(_ratio(best(res, ours, dtypes)[1], best(res, other, dtypes)[1]), 2))
+            cells.append(_fmt(_ratio(gm.get("resnest"), gm.get("resnet")), 3) if role == "resnet" else "")
+            lines.append(f"| {w} | {names[role]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _train_section(res: dict, fails: _Failures) -> List[str]:
+    bb = res["backbone"]
+    names = _names(res)
+    cols = _columns(res, "train")
+    lines = ["## Training step: forward + backward (ms, median; peak tensor MiB)", "",
+             "| workload | implementation | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    for w, per in bb["train"].items():
+        for role, entries in per.items():
+            cells = []
+            for c in cols:
+                e = entries.get(c)
+                if e is None:
+                    cells.append("")
+                elif "error" in e:
+                    cells.append(fails.cell(names[role], c, w, e["error"]))
+                else:
+                    cells.append(f"{e['ms']:.1f} ({_fmt(e.get('peak_mib'), 0)})")
+            lines.append(f"| {w} | {names[role]} | " + " | ".join(cells) + " |")
+    lines += ["", "| workload | other | " + " | ".join(f"time other / ours, {c}" for c in cols) + " | "
+              + " | ".join(f"peak ours / other, {c}" for c in cols) + " |", "|---|---|" + "---:|" * (2 * len(cols))]
+    for w, per in bb["train"].items():
+        ours = per.get("ours", {})
+        for role in COMPETITORS:
+            if role not in per:
+                continue
+            other = per[role]
+            cells = [_fmt(_ratio(other.get(c, {}).get("ms"), ours.get(c, {}).get("ms")), 2) for c in cols]
+            cells += [_fmt(_ratio(ours.get(c, {}).get("peak_mib"), other.get(c, {}).get("peak_mib")), 2) for c in cols]
+            lines.append(f"| {w} | {names[role]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _by_treatment_table(res: dict, title: str, field: str, fmt) -> List[str]:
+    bb = res["backbone"]
+    names = _names(res)
+    w = bb["key_eval"]
+    cols = _columns(res, "eval")
+    per = bb["eval"].get(w, {})
+    if not any(field in e for entries in per.values() for e in entries.values()):
+        return []
+    lines = [f"## {title}, eval {w}", "", "| implementation | " + " | ".join(cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for role, entries in per.items():
+        lines.append(f"| {names[role]} | " + " | ".join(
+            fmt(entries[c].get(field)) if c in entries and field in entries[c] else "" for c in cols) + " |")
+    return lines + [""]
+
+
+def _detector_section(res: dict, fails: _Failures) -> List[str]:
+    det = res["detector"]
+    names = {i["role"]: i["name"] for i in det["implementations"]}
+    cols: List[str] = []
+    for entries in det["eval"].values():
+        cols += [c for c in entries if c not in cols]
+    lines = [f"## Faster R-CNN (FPN, 4conv1fc head), eval {det['workload']} (ms, median)", "",
+             "| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for role, entries in det["eval"].items():
+        cells = []
+        for c in cols:
+            e = entries.get(c, {})
+            cells.append(fails.cell(names[role], c, det["workload"], e["error"]) if "error" in e else _fmt(e.get("ms")))
+        lines.append(f"| {names[role]} | " + " | ".join(cells) + " |")
+    ours, rn = det["eval"].get("ours", {}), det["eval"].get("resnet", {})
+    lines.append("| time ratio | " + " | ".join(
+        _fmt(_ratio(ours.get(c, {}).get("ms"), rn.get(c, {}).get("ms")), 3) for c in cols) + " |")
+    return lines + [""]
+
+
+def render_markdown(res: dict) -> str:
+    """The report, from the numbers alone (res as the JSON holds it)."""
+    args, env = res["args"], res["env"]
+    smoke = " (SMOKE: tiny sizes, not meaningful)" if args.get("smoke") else ""
+    if "backbone" not in res:  # --grad-checkpoint-only
+        lines = [f"# Benchmark: gradient checkpointing{smoke}", "",
+                 _measured_line(env, args, f"{args['repeats_large']} timed rounds"), ""]
+        return "\n".join(lines + render_grad_checkpoint(res["grad_checkpoint"]))
+    bb = res["backbone"]
+    fails = _Failures()
+    lines = [f"# Benchmark: {args['variant']} backbone{smoke}", "", _measured_line(env, args), ""]
+    # ---- goals first: the verdict
+    lines += ["## Goals (issue 12)", "", "| goal | target | measured | verdict | how |", "|---|---|---:|---|---|"]
+    for g in goals(res):
+        lines.append(f"| {g['goal']} | {g['target']} | {g['measured']} | {_met(g)} | {g['how']} |")
+    lines.append("")
+    lines += _peak_section(res)
+    # ---- the menu
+    lines += ["## Treatments", "", "Every implementation gets the same menu; a treatment that fails is recorded "
+              "(Failures), not dropped. Ours also has its own fast path (`resnest_backbone.core.fuse.deploy`), "
+              "reported as its own entries; the comparisons take the best of ours against the best of each "
+              "other implementation.", "", "| treatment | dtype | what |", "|---|---|---|"]
+    for name, t in res.get("treatments", {}).items():
+        lines.append(f"| {name} | {t['dtype']} | {t['description']} |")
+    lines.append("")
+    # ---- eval
+    lines += ["## Eval latency (ms, median; lower is better)", "",
+              "Cell: ms (throughput 2 x GMAC / s as a fraction of the matmul peak of the treatment's dtype). "
+              "Best: the fastest treatment of that implementation, in fp32, and in any dtype.", ""]
+    for w in bb["eval"]:
+        lines += _eval_table(res, w, fails)
+    lines += _ratio_section(res)
+    lines += _by_treatment_table(res, "Output difference to eager (max abs / max abs of eager)", "rel_err",
+                                 lambda v: "-" if v is None else f"{v:.1e}")
+    lines += _by_treatment_table(res, "Eval peak tensor memory (MiB)", "peak_mib", lambda v: _fmt(v, 0))
+    if bb["train"]:
+        lines += _train_section(res, fails)
+    if res.get("detector"):
+        lines += _detector_section(res, fails)
+    if res.get("grad_checkpoint"):
+        lines += render_grad_checkpoint(res["grad_checkpoint"])
+    lines += fails.lines()
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ png
+def render_png(res: dict, path: str) -> None:
+    """Bar chart: per workload (eval, and training), each implementation under each treatment, as speed
+    relative to the official code run eagerly."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bb, variant = res["backbone"], res["args"]["variant"]
+    names = _names(res)
+    panels = [("eval", w) for w in bb["eval"]] + [("train", w) for w in bb["train"]]
+    cols_of = {mode: _columns(res, mode) for mode in ("eval", "train")}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
+    for ax, (mode, w) in zip(axes[0], panels):
+        per = bb[mode][w]
+        base = per.get("official", {}).get("eager", {}).get("ms")
+        roles = list(per)
+        cols = cols_of[mode]
+        width = 0.8 / max(len(cols), 1)
+        for i, c in enumerate(cols):
+            speed = [(base / per[r][c]["ms"]) if base and per[r].get(c, {}).get("ms") else 0 for r in roles]
+            xs = [j + i * width for j in range(len(roles))]
+            ax.bar(xs, speed, width, label=c, color=f"C{i % 10}")
+            for x_, r in zip(xs, roles):  # a failed treatment: a cross on the axis, not an empty slot
+                if "error" in per[r].get(c, {}):
+                    ax.plot([x_], [0], marker="x", color=f"C{i % 10}", clip_on=False)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(roles))], [names[r] for r in roles], rotation=15,
+                      fontsize=7)
+        ax.set_ylabel("speed relative to official, eager (higher is faster)", fontsize=8)
+        ax.set_title(f"{variant}: {mode} {w}", fontsize=9)
+        ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""The treatment menu: standard ways to make a PyTorch model run faster, applied identically to every
+implementation the benchmark compares (ours, the official code, timm, torchvision's ResNet).
+
+A treatment turns a freshly built model (on its device, in the mode of the step: eval or train) and an
+example input (already in the treatment's memory format) into the callable that is timed:
+
+  eager           the model as built (NCHW)
+  channels_last   model and input in channels_last (NHWC) memory format
+  jit             channels_last + torch.jit.trace (strict=False: dict outputs allowed) + torch.jit.freeze +
+                  torch.jit.optimize_for_inference (folds conv + BN, prepacks weights for oneDNN)
+  compile         channels_last + torch.compile (inductor, options={"freezing": True}); only with --compile
+                  (on CPU the first call for each input shape takes minutes)
+  bf16 autocast   channels_last + torch.autocast(device, torch.bfloat16) around the forward (fp32 input)
+  int8 fx         post-training static int8 quantization, torch.ao FX graph mode (prepare_fx / convert_fx,
+                  x86 qconfig mapping), calibrated on the timed input; needs an FX-traceable model, so it
+                  fails on models whose forward has data-dependent control flow (the failure is recorded)
+
+Training steps use the layout treatments only (TRAIN_MENU: eager, channels_last); the others are inference
+transforms. Ours additionally has its own fast path, `resnest_backbone.core.fuse.deploy` (own_treatments()):
+a treatment only ours has, reported as ours' own entries.
+"""
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, List, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["DETECTOR_MENU", "EVAL_MENU", "TRAIN_MENU", "Treatment", "bf16_autocast", "channels_last", "eager",
+           "fused_channels_last", "int8_fx", "jit_freeze", "menu", "own_treatments", "to_channels_last",
+           "torch_compile"]
+
+Step = Callable[[torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class Treatment:
+    name: str
+    apply: Callable[[nn.Module, torch.Tensor], Step]  # (model, example input) -> the callable to time
+    dtype: str = "fp32"  # arithmetic of the convolutions / matmuls: fp32, bf16 or int8 (which peak applies)
+    channels_last: bool = False  # feed channels_last inputs
+    needs_compile: bool = False  # slow to prepare: only with --compile
+    description: str = ""
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    return model.to(memory_format=torch.channels_last)
+
+
+def eager(model: nn.Module, x: torch.Tensor) -> Step:
+    return model
+
+
+def channels_last(model: nn.Module, x: torch.Tensor) -> Step:
+    return to_channels_last(model)
+
+
+def jit_freeze(model: nn.Module, x: torch.Tensor) -> Step:
+    with torch.no_grad():
+        traced = torch.jit.trace(to_channels_last(model.eval()), x, strict=False, check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
+def torch_compile(model: nn.Module, x: torch.Tensor) -> Step:
+    return torch.compile(to_channels_last(model), options={"freezing": True})
+
+
+def bf16_autocast(model: nn.Module, x: torch.Tensor) -> Step:
+    model = to_channels_last(model)
+
+    def step(inp: torch.Tensor):
+        with torch.autocast(inp.device.type, dtype=torch.bfloat16):
+            return model(inp)
+
+    return step
+
+
+def int8_fx(model: nn.Module, x: torch.Tensor) -> Step:
+    if x.device.type != "cpu":
+        raise RuntimeError(f"int8 FX quantization (x86 backend) runs on CPU only, not {x.device.type}")
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(model.eval(), get_default_qconfig_mapping("x86"), (x,))
+    with torch.no_grad():
+        prepared(x)  # calibration: the observers record the activations' ranges
+    return convert_fx(prepared)
+
+
+EAGER = Treatment("eager", eager, description="the model as built, NCHW")
+CHANNELS_LAST = Treatment("channels_last", channels_last, channels_last=True,
+                          description="model and input in channels_last (NHWC) memory format")
+EVAL_MENU: Tuple[Treatment, ...] = (
+    EAGER,
+    CHANNELS_LAST,
+    Treatment("jit", jit_freeze, channels_last=True,
+              description="channels_last + torch.jit.trace + torch.jit.freeze + torch.jit.optimize_for_inference"),
+    Treatment("compile", torch_compile, channels_last=True, needs_compile=True,
+              description='channels_last + torch.compile (inductor, options={"freezing": True}); only with '
+                          "--compile"),
+    Treatment("bf16 autocast", bf16_autocast, dtype="bf16", channels_last=True,
+              description="channels_last + torch.autocast(device, torch.bfloat16) around the forward"),
+    Treatment("int8 fx", int8_fx, dtype="int8",
+              description="post-training static int8, torch.ao FX graph mode (prepare_fx / convert_fx, x86 "
+                          "qconfig mapping), calibrated on the timed input; needs an FX-traceable model"),
+)
+TRAIN_MENU: Tuple[Treatment, ...] = (EAGER, CHANNELS_LAST)
+
+
+def fused_channels_last(model: nn.Module, x) -> Step:
+    from ..core.fuse import fuse_model
+
+    return fuse_model(model, inplace=True, channels_last=True)
+
+
+# Whole detectors (detectron2 models, list-of-dict inputs): the same two treatments for both trunks.
+DETECTOR_MENU: Tuple[Treatment, ...] = (
+    EAGER,
+    Treatment("fused + channels_last", fused_channels_last,
+              description="resnest_backbone.core.fuse.fuse_model(model, channels_last=True): every BN / FrozenBN "
+                          "folded into its conv (trunk, FPN, box head), ResNeSt blocks fused, channels_last"),
+)
+
+
+def menu(mode: str, compile_: bool) -> List[Treatment]:
+    """The generic treatments for a step ("eval" or "train"), without the compile ones unless compile_."""
+    return [t for t in (EVAL_MENU if mode == "eval" else TRAIN_MENU) if compile_ or not t.needs_compile]
+
+
+# ----------------------------------------------------------------------------------- ours' own fast path
+def _param_dtype_input(model: nn.Module) -> Step:
+    """Call `model` with its input cast to the dtype of its parameters (a bf16 model takes bf16 input)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return lambda x: model(x.to(dtype))
+
+
+def own_treatments(compile_: bool) -> List[Treatment]:
+    """Ours' fast path: resnest_backbone.core.fuse.deploy (folded norms, fused split attention,
+    channels_last), alone and composed with the generic jit / compile treatments; in bf16 when deploy
+    takes a dtype."""
+    from ..core.fuse import deploy
+
+    fast = (lambda m, x: deploy(m.eval(), channels_last=True))
+    own = [
+        Treatment("fast path", fast, channels_last=True, description="deploy(model, channels_last=True)"),
+        Treatment("fast path + jit", lambda m, x: jit_freeze(fast(m, x), x), channels_last=True,
+                  description="the fast path, then the jit treatment"),
+    ]
+    if compile_:
+        own.append(Treatment("fast path + compile", lambda m, x: torch_compile(fast(m, x), x), channels_last=True,
+                             needs_compile=True, description="the fast path, then the compile treatment"))
+    if "dtype" in inspect.signature(deploy).parameters:  # the bf16 fast path, where deploy has one
+        own.append(Treatment(
+            "fast path bf16",
+            lambda m, x: _param_dtype_input(deploy(m.eval(), channels_last=True, dtype=torch.bfloat16)),
+            dtype="bf16", channels_last=True, description="deploy(model, channels_last=True, dtype=torch.bfloat16)"))
+    return own

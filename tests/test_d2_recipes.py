@@ -124,14 +124,19 @@ def test_recipe_trains_one_step_and_evaluates(config, tmp_path, one_thread):
     # one real evaluation on the demo val images
     expected = ["bbox", "segm"] if mask else ["bbox"]
     if panoptic:
-        # SemSegEvaluator (stuff), COCOEvaluator (things); no PQ on a subset (no panoptic json)
-        expected = ["sem_seg"] + expected
+        # SemSegEvaluator (stuff), COCOEvaluator (things), COCOPanopticEvaluator (PQ through panopticapi, on the
+        # subset's own panoptic json)
+        expected = ["sem_seg", "panoptic_seg"] + expected
     assert sorted(results) == sorted(expected), results
     for task in expected:
         if task == "sem_seg":
             assert {"mIoU", "fwIoU", "mACC", "pACC"} <= set(results[task])
             assert {f"IoU-{c}" for c in ["things"] + ["noise", "stripes", "checkerboard", "gradient"]} <= set(
                 results[task]), results[task]
+        elif task == "panoptic_seg":
+            pq = results[task]
+            assert {f"{m}{k}" for m in ("PQ", "SQ", "RQ") for k in ("", "_th", "_st")} <= set(pq), pq
+            assert all(0 <= v <= 100 for v in pq.values()), pq
         else:
             _check_ap(results[task])
 
@@ -271,3 +276,35 @@ def test_panoptic_demo_set_is_consistent():
         assert things == sorted((a["category_id"], a["area"]) for a in by_image.get(ann["image_id"], []))
         assert sorted(meta.thing_classes[a["category_id"]] for a in d["annotations"]) == sorted(
             cats[c]["name"] for c, _ in things)
+
+
+def test_panoptic_quality_of_the_ground_truth_is_100(tmp_path):
+    """detectron2's COCOPanopticEvaluator (panopticapi's pq_compute) on a demo subset, given the ground truth as
+    the model's output (segment ids, contiguous categories as PanopticFPN emits them): PQ, SQ, RQ all 100 for
+    things and stuff. Checks the panoptic set, its category mapping and the subset's own panoptic json."""
+    import cv2
+    from detectron2.evaluation import COCOPanopticEvaluator
+
+    name = register_demo_subset("resnest_demo_panoptic_val_separated", 5, "pq_check")
+    dicts = DatasetCatalog.get(name)
+    meta = MetadataCatalog.get(name)
+    with open(meta.panoptic_json) as f:
+        pan = json.load(f)
+    assert sorted(im["id"] for im in pan["images"]) == sorted(d["image_id"] for d in dicts)
+    cats = {c["id"]: c for c in pan["categories"]}
+    evaluator = COCOPanopticEvaluator(name, str(tmp_path))
+    evaluator.reset()
+    for ann in pan["annotations"]:
+        rgb = cv2.imread(os.path.join(meta.panoptic_root, ann["file_name"]))[:, :, ::-1].astype(np.int64)
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+        segments = []
+        for s in ann["segments_info"]:
+            thing = bool(cats[s["category_id"]]["isthing"])
+            mapping = meta.thing_dataset_id_to_contiguous_id if thing else meta.stuff_dataset_id_to_contiguous_id
+            segments.append({"id": s["id"], "isthing": thing, "category_id": mapping[s["category_id"]]})
+        d = next(d for d in dicts if d["image_id"] == ann["image_id"])
+        evaluator.process([{"image_id": d["image_id"], "file_name": d["file_name"]}],
+                          [{"panoptic_seg": (torch.from_numpy(ids).int(), segments)}])
+    result = evaluator.evaluate()["panoptic_seg"]
+    for key in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"):
+        assert result[key] == pytest.approx(100.0), (key, result)

@@ -91,17 +91,48 @@ def _register_demo_panoptic(name: str, p: dict, root: str) -> List[str]:
 
 def register_demo_subset(base: str, count: int, suffix: str = "") -> str:
     """Register `{base}_{suffix or 'first<count>'}`: the first `count` images of a demo set, for quick checks.
-    (COCOEvaluator writes its COCO json itself, from the dataset dicts.)"""
+    (COCOEvaluator writes its COCO json itself, from the dataset dicts.) A panoptic set's subset gets its own
+    panoptic json (the full set's, cut to the subset's images; written when the subset is loaded), so
+    COCOPanopticEvaluator computes PQ on exactly the images evaluated."""
     name = f"{base}_{suffix or f'first{count}'}"
     if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: DatasetCatalog.get(base)[:count])
         meta = MetadataCatalog.get(base).as_dict()
-        # COCOEvaluator writes its COCO json itself from the subset's dicts; the panoptic json names every
-        # image of the full set, so a subset has none (COCOPanopticEvaluator is not built for it).
-        for key in ("name", "json_file", "panoptic_json"):
+        for key in ("name", "json_file"):
             meta.pop(key, None)
+        full_json = meta.pop("panoptic_json", None)
+        if full_json:
+            meta["panoptic_json"] = os.path.join(os.path.dirname(full_json), f"{name}.json")
+
+        def load():
+            dicts = DatasetCatalog.get(base)[:count]
+            if full_json:
+                _write_panoptic_subset(full_json, meta["panoptic_json"], dicts)
+            return dicts
+
+        DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(**meta)
     return name
+
+
+def _write_panoptic_subset(full_json: str, out: str, dicts: List[dict]) -> None:
+    """The COCO panoptic json `full_json` cut to the images of `dicts` (by image_id), written to `out`
+    atomically and only when its content changes."""
+    import json
+
+    with open(full_json) as f:
+        data = json.load(f)
+    keep = {d["image_id"] for d in dicts}
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    text = json.dumps(data)
+    if os.path.exists(out):
+        with open(out) as f:
+            if f.read() == text:
+                return
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, out)
 
 
 def check_datasets(names: Iterable[str]) -> None:

@@ -53,7 +53,7 @@ stamp_inputs() {
 stamp_file() { echo "$VENV/.resnest-env-stamp-$1"; }
 import_check() {
   case "$1" in
-    d2) "$PY" -c "import torch, torchvision, fvcore, pycocotools, detectron2.engine, resnest_backbone.d2" ;;
+    d2) "$PY" -c "import torch, torchvision, fvcore, pycocotools, panopticapi.evaluation, detectron2.engine, resnest_backbone.d2" ;;
     mm) "$PY" -c "import mmcv.ops, mmengine, mmdet, mmseg" ;;
     lane) "$LANE/bin/python" -c "import detectron2.engine, numpy, resnest_backbone.d2
 assert detectron2.__version__ == '${SAL[1]}' and numpy.__version__ < '2', (detectron2.__version__, numpy.__version__)" ;;
@@ -139,6 +139,9 @@ if wants d2; then
   fi
   log "installing fvcore, pycocotools, opencv, matplotlib, this project and its test extras"
   "${PIP[@]}" install -q fvcore pycocotools opencv-python-headless matplotlib tqdm
+  # PQ for Panoptic FPN (detectron2's COCOPanopticEvaluator imports panopticapi.evaluation, which needs only
+  # numpy and Pillow); --no-deps: the wheel pins numpy<2 and scikit-image, which would downgrade .venv's numpy
+  "${PIP[@]}" install -q --no-deps panopticapi-lite==0.2.0
   "${PIP[@]}" install -q -e ".[test]"
   import_check d2
   stamp_inputs d2 | sha256sum > "$(stamp_file d2)"

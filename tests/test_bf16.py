@@ -176,8 +176,9 @@ def test_predictor_kept_fp32():
     with torch.no_grad():
         ref = model(x)
         autocast_inference(model, torch.bfloat16)
-        hidden = model[0](x)
         out = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model[0](x)
     assert hidden.dtype == torch.bfloat16 and out.dtype == torch.float32
     assert torch.allclose(out, model[1](hidden.float()))  # fp32 linear on the bf16-rounded features
     assert BF16_MIN / 10 < rel_err(out, ref) < BF16_REL
@@ -185,38 +186,53 @@ def test_predictor_kept_fp32():
 
 def test_autocast_training_step_keeps_fp32_softmax_and_bn():
     """One training step of ResNeSt-50 with the forward under bf16 autocast (autocast_forward: what the
-    detectron2 AutocastTrainer runs), against the same step in float32 from the same weights and input:
-    loss and gradients finite, the radix softmax computed in float32, BatchNorm normalising in float32
-    statistics, and the updated running statistics equal to float32's within BN_STATS_REL (relative, the
-    whole buffer's norm; measured 2e-3..6e-3 over the model's 70 BN layers: a mean of bf16 conv outputs)."""
-    BN_STATS_REL = 2e-2
+    detectron2 AutocastTrainer runs; mmengine's AmpOptimWrapper enters the same torch.autocast), against the
+    same step in float32 from the same weights and input: loss and gradients finite and float32, the loss
+    within BF16_REL of fp32's, the radix softmax computed in float32, BatchNorm normalising bf16 activations
+    with float32 statistics. The running statistics (here: exactly this batch's statistics) are checked
+    against a float64 recomputation from the bf16 activations each BN layer received, within BN_STATS_REL
+    (relative, per layer): the statistics are accumulated in fp32, not rounded to bf16 (which would be off by
+    ~2e-3). (Against the fp32 model's own statistics they differ more, up to 0.2 in res5, because a random-init
+    net in train mode amplifies the forward's bf16 roundings with depth; median 5e-3.)"""
+    BN_STATS_REL = 1e-5  # measured 1.8e-7 (fp32 accumulation); bf16 rounding would be ~2e-3
     torch.manual_seed(0)
-    model = calibrated(batches=1, size=(64, 64)).train()
+    model = randomize_norms(build_resnest("resnest50")).train()
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    for m in bns.values():  # running statistics = this step's batch statistics (cumulative average)
+        m.momentum = None
+        m.reset_running_stats()
     reference = copy.deepcopy(model)
-    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    seen = {}
+
+    def keep_input(name):
+        def hook(module, args):
+            x = args[0].detach()
+            seen[name] = (x.dtype, x.double().mean((0, 2, 3)), x.double().var((0, 2, 3), unbiased=True))
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep_input(n)) for n, m in bns.items()]
+    x = images(2, (96, 128), torch.Generator().manual_seed(3))
     recorder = OpRecorder()
     with recorder, autocast_forward(model, "cpu", torch.bfloat16):
         out = model(x)
         loss = sum(v.float().square().mean() for v in out.values())
+    for h in handles:
+        h.remove()
     loss.backward()
-    ref_out = reference(x)
-    ref_loss = sum(v.square().mean() for v in ref_out.values())
-    ref_loss.backward()
+    ref_loss = sum(v.square().mean() for v in reference(x).values())
 
     assert out["res5"].dtype == torch.bfloat16  # it did run in bf16
     assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) < BF16_REL * ref_loss.item()
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
     assert recorder.softmax == [torch.float32] * 16
-    assert len(recorder.batch_norm) > 50  # the BN layers were seen, with bf16 inputs and fp32 statistics
+    assert len(recorder.batch_norm) == len(bns)  # every BN: fp32 running statistics, and it got bf16 inputs
     assert {stats for _, stats in recorder.batch_norm} == {torch.float32}
-    assert torch.bfloat16 in {inp for inp, _ in recorder.batch_norm}
-    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    ref_bns = dict(reference.named_modules())
-    worst = 0.0
-    for name, bn in bns:
-        ref = ref_bns[name]
+    assert {inp for inp, _ in recorder.batch_norm} == {torch.bfloat16}
+    errs = {}
+    for name, bn in bns.items():
         assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32
-        for key in ("running_mean", "running_var"):
-            worst = max(worst, rel_err(getattr(bn, key), getattr(ref, key)))
-    assert worst < BN_STATS_REL, worst
+        dtype, mean, var = seen[name]
+        assert dtype == torch.bfloat16, name
+        errs[name] = max(rel_err(bn.running_mean, mean), rel_err(bn.running_var, var))
+    assert max(errs.values()) < BN_STATS_REL, max(errs.items(), key=lambda kv: kv[1])

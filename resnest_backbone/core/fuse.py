@@ -35,7 +35,7 @@ from .split_attention import SplitAttentionConv2d, rsoftmax, split_sum
 from .trunk import STAGE_MODULES, Bottleneck, ResNeSt
 
 __all__ = ["AUTOCAST_DTYPES", "FusedBottleneck", "FusedSplitAttention", "FP32_HEADS", "autocast_forward", "autocast_inference", "deploy", "fold_conv_norm", "fuse_resnest", "fuse_model",
-           "fp32_heads", "fused_split_sum", "norm_scale_shift"]
+           "fp32_heads", "fused_split_sum", "keep_fp32_heads", "norm_scale_shift"]
 
 
 # ---------------------------------------------------------------------------------------------- folding
@@ -331,12 +331,14 @@ FP32_HEADS = {
     "MaskRCNNConvUpsampleHead": ("predictor",),
     "BBoxHead": ("fc_cls", "fc_reg"),                      # mmdet (ConvFCBBoxHead, Shared2FC/4Conv1FC...)
     "RPNHead": ("rpn_cls", "rpn_reg"),
+    "BaseRoIExtractor": ("",),                             # mmdet: mmcv's CPU RoIAlign has no bf16 kernel
 }
 
 
 class _AutocastHooks:
     """A forward pre-hook and forward hook pair running a module's forward under torch.autocast(device_type,
-    dtype), or with autocast off and floating inputs cast to float32 (dtype=torch.float32). Copies and pickles
+    dtype), or with autocast off and floating inputs (positional; tensors and lists / tuples of tensors) cast
+    to float32 (dtype=torch.float32). Copies and pickles
     of the module carry it (rebuilt from device type and dtype)."""
 
     def __init__(self, device_type: str, dtype: torch.dtype):
@@ -352,11 +354,20 @@ class _AutocastHooks:
         context.__enter__()
         self._local.__dict__.setdefault("stack", []).append(context)
         if fp32:
-            return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+            return tuple(_to_fp32(a) for a in args)
         return None
 
     def exit(self, module, args, output):
         self._local.stack.pop().__exit__(None, None, None)
+
+
+def _to_fp32(value):
+    """Floating tensors (also in a list / tuple, e.g. feature levels) as float32; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_to_fp32(v) for v in value)
+    return value
 
 
 def _set_autocast_hooks(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
@@ -370,17 +381,45 @@ def _set_autocast_hooks(module: nn.Module, device_type: str, dtype: torch.dtype)
 
 
 @contextlib.contextmanager
-def autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype):
+def autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype,
+                     keep_fp32: Optional[Sequence[str]] = None):
     """While open, calls of `module` (its forward only: not the backward, not an optimizer step) run under
-    torch.autocast(device_type, dtype). The mixed-precision training step of d2.train.AutocastTrainer."""
+    torch.autocast(device_type, dtype), with the submodules named in `keep_fp32` (default fp32_heads(module):
+    the score / box predictors) in float32 (keep_fp32_heads), as autocast_inference does. The mixed-precision
+    training step of d2.train.AutocastTrainer."""
     hooks = _AutocastHooks(device_type, dtype)
     handles = (module.register_forward_pre_hook(hooks.enter),
                module.register_forward_hook(hooks.exit, always_call=True))
+    try:
+        with keep_fp32_heads(module, device_type, keep_fp32):
+            yield module
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def keep_fp32_heads(module: nn.Module, device_type: str, names: Optional[Sequence[str]] = None):
+    """While open, the submodules of `module` named in `names` (default fp32_heads(module)) run with
+    autocast off on float32 inputs, also when the caller has autocast on (mmengine's optim_context)."""
+    handles = []
+    for sub in _submodules(module, fp32_heads(module) if names is None else names, "keep_fp32_heads"):
+        hooks = _AutocastHooks(device_type, torch.float32)
+        handles += [sub.register_forward_pre_hook(hooks.enter),
+                    sub.register_forward_hook(hooks.exit, always_call=True)]
     try:
         yield module
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _submodules(model: nn.Module, names: Sequence[str], caller: str) -> List[nn.Module]:
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise ValueError(f"{caller}: keep_fp32 names {missing} are not submodules of {type(model).__name__}")
+    return [modules[name] for name in names]
 
 
 def fp32_heads(model: nn.Module) -> List[str]:
@@ -409,14 +448,9 @@ def autocast_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16, de
     if device_type is None:
         first = next(iter(model.parameters()), None)
         device_type = first.device.type if first is not None else "cpu"
-    keep_fp32 = fp32_heads(model) if keep_fp32 is None else list(keep_fp32)
-    modules = dict(model.named_modules())
-    missing = [name for name in keep_fp32 if name not in modules]
-    if missing:
-        raise ValueError(f"autocast_inference: keep_fp32 names {missing} are not submodules of "
-                         f"{type(model).__name__}")
+    heads = _submodules(model, fp32_heads(model) if keep_fp32 is None else list(keep_fp32), "autocast_inference")
     _set_autocast_hooks(model, device_type, dtype)
-    for name in keep_fp32:
-        _set_autocast_hooks(modules[name], device_type, torch.float32)
+    for head in heads:
+        _set_autocast_hooks(head, device_type, torch.float32)
     model.autocast_dtype = dtype
     return model

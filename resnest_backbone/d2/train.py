@@ -142,7 +142,8 @@ def ddp_model(model: nn.Module, on_cpu: bool, **kwargs) -> nn.Module:
 class AutocastTrainer(SimpleTrainer):
     """detectron2's SimpleTrainer with the model's forward (the losses) under torch.autocast(device_type,
     precision): mixed precision in bfloat16, which has float32's exponent range, so needs no loss scaling
-    (detectron2's AMPTrainer needs CUDA and always scales for float16). Backward and the optimizer step run
+    (detectron2's AMPTrainer needs CUDA and always scales for float16). The score / box predictors
+    (core.fuse.FP32_HEADS) run in float32, as in the bf16 inference path. Backward and the optimizer step run
     outside autocast, on the float32 parameters, as in AMPTrainer."""
 
     def __init__(self, model, data_loader, optimizer, device_type: str = "cpu",

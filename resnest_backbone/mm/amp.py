@@ -8,19 +8,26 @@ Importing resnest_backbone.mm registers it in mmengine's OPTIM_WRAPPERS (mmdet's
 it there). The training step is mmengine's: `optim_context` runs the model's forward under mmengine's
 autocast (torch.autocast), backward and the optimizer step run outside it on the float32 parameters.
 """
+import contextlib
 import logging
 
 import torch
+from mmengine.device import get_device
 from mmengine.device import is_cuda_available, is_mlu_available, is_musa_available, is_npu_available
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
+
+from ..core.fuse import keep_fp32_heads
 
 __all__ = ["AnyDeviceAmpOptimWrapper"]
 
 
 @OPTIM_WRAPPERS.register_module(force=True)
 class AnyDeviceAmpOptimWrapper(AmpOptimWrapper):
-    """mmengine's AmpOptimWrapper, unchanged on the accelerators it supports. On the CPU: autocast in
+    """mmengine's AmpOptimWrapper (its autocast, and its loss scaling on the accelerators it supports), with
+    the model's score / box predictors (core.fuse.FP32_HEADS: mmdet's RPNHead rpn_cls / rpn_reg, BBoxHead
+    fc_cls / fc_reg) run in float32 inside the autocast region: proposals and their NMS stay fp32 (mmcv's CPU
+    nms refuses bf16; bf16 box coordinates would be off by up to 2 px at 500). On the CPU: autocast in
     `dtype` (default and only choice there: bfloat16, mmengine's CPU autocast refuses float16), no loss
     scaling (bfloat16 has float32's exponent range; `loss_scale` is not used and says so in the log), and
     the loss scaler a disabled torch GradScaler (scale, unscale_, step and update pass through; its state
@@ -44,3 +51,8 @@ class AnyDeviceAmpOptimWrapper(AmpOptimWrapper):
         self._scale_update_param = None
         self.loss_scaler = torch.amp.GradScaler("cpu", enabled=False)
         self.cast_dtype = torch.bfloat16
+
+    @contextlib.contextmanager
+    def optim_context(self, model):
+        with super().optim_context(model), keep_fp32_heads(model, get_device()):
+            yield

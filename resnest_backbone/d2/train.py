@@ -175,8 +175,12 @@ def build_trainer(model, data_loader, optimizer, device: str, amp: bool = False,
         if device_type != "cuda":
             raise ValueError(f"SOLVER.AMP.PRECISION={precision!r} on device {device!r}: float16 training needs "
                              "loss scaling, which detectron2's AMPTrainer runs only on CUDA; use bfloat16")
-        return AMPTrainer(model, data_loader, optimizer)
-    return AutocastTrainer(model, data_loader, optimizer, device_type, AMP_PRECISIONS[name])
+        trainer = AMPTrainer(model, data_loader, optimizer)
+    else:
+        trainer = AutocastTrainer(model, data_loader, optimizer, device_type, AMP_PRECISIONS[name])
+    logging.getLogger("detectron2").info(f"mixed precision: {name} autocast on {device_type} "
+                                         f"({type(trainer).__name__})")
+    return trainer
 
 
 class Trainer(ExactResumeMixin, DefaultTrainer):

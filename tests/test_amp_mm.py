@@ -68,6 +68,9 @@ def test_faster_rcnn_amp_bf16_runner(tmp_path):
     cfg = _short_run(cfg, tmp_path / "work", 3)
     cfg.optim_wrapper.type = "AnyDeviceAmpOptimWrapper"
     cfg.optim_wrapper.dtype = "bfloat16"
+    # A visualizer of its own: mmengine hands out one instance per name (mmdet's configs say 'visualizer'), and
+    # a later runner would get this one, writing into this test's tmp_path, which is removed when it passes.
+    cfg.visualizer.name = f"amp_bf16_visualizer_{os.getpid()}"
     record = RecordOps()
     runner = Runner.from_cfg(cfg)
     runner.register_hook(record)

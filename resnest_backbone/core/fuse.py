@@ -3,6 +3,7 @@
     trunk = build_resnest("resnest50").eval()        # or a detectron2 ResNeStBackbone, frozen or not
     fast = fuse_resnest(trunk)                       # a converted copy (inplace=True: convert this one)
     fast = deploy(trunk, channels_last=True)         # fuse + channels_last (+ compile=True: torch.compile)
+    fast = deploy(trunk, dtype=torch.bfloat16)       # ... run under bf16 autocast (also whole detectors)
 
 What changes (the outputs do not, up to float rounding; tests/test_fuse.py checks every variant):
   - every BatchNorm / SyncBatchNorm (running statistics) and FrozenBatchNorm (core or detectron2) is folded
@@ -34,8 +35,9 @@ from .deform import DeformConv2d
 from .split_attention import SplitAttentionConv2d, rsoftmax, split_sum
 from .trunk import STAGE_MODULES, Bottleneck, ResNeSt
 
-__all__ = ["AUTOCAST_DTYPES", "FusedBottleneck", "FusedSplitAttention", "FP32_HEADS", "autocast_forward", "autocast_inference", "deploy", "fold_conv_norm", "fuse_resnest", "fuse_model",
-           "fp32_heads", "fused_split_sum", "keep_fp32_heads", "norm_scale_shift"]
+__all__ = ["AUTOCAST_DTYPES", "FP32_HEADS", "FusedBottleneck", "FusedSplitAttention", "autocast_forward",
+           "autocast_inference", "deploy", "fold_conv_norm", "fp32_heads", "fuse_model", "fuse_resnest",
+           "fused_split_sum", "keep_fp32_heads", "norm_scale_shift"]
 
 
 # ---------------------------------------------------------------------------------------------- folding
@@ -295,10 +297,10 @@ def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, 
     `torch.autocast(device, dtype)` (autocast_inference): convolutions and linear layers compute in that
     dtype, with fp32 inputs accepted as before; the folding itself is done in float64 and the weights stay
     float32 (autocast casts them per call). What stays float32: the radix softmax (core.rsoftmax computes it
-    in fp32), the score / box predictors (FP32_HEADS: detectron2's and mmdet's box predictors, RPN and
-    RetinaNet output convs), and what autocast keeps in fp32 or the model casts itself (detectron2 decodes
-    boxes in fp32; torchvision's roi_align runs in fp32 under autocast). A trunk's features come out in `dtype`. Error
-    against fp32: tests/test_bf16.py (per stage, and a detectron2 detector's boxes and scores).
+    in fp32), the score / box predictors and mmdet's RoI extractor (FP32_HEADS), and what autocast keeps in
+    fp32 or the model casts itself (detectron2 decodes boxes in fp32; torchvision's roi_align runs in fp32
+    under autocast). A trunk's features come out in `dtype`. Error against fp32: tests/test_bf16.py (per
+    stage), tests/test_amp_d2.py and tests/test_amp_mm.py (detectors).
 
     compile=True uses inductor with `freezing` (weights become constants: oneDNN weight prepacking and
     conv + ReLU / conv + add + ReLU fusion on CPU) unless `compile_kwargs` say otherwise. Measured by

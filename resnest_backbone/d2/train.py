@@ -45,9 +45,9 @@ from .resume import ExactResumeMixin, build_resumable_train_loader
 from .hooks import build_dropblock_hook
 from .model_zoo import get_config_file
 
-__all__ = ["AMP_PRECISIONS", "AutocastTrainer", "CpuDistributedDataParallel", "Trainer", "build_trainer", "adapt_cfg_to_device", "build_sem_seg_train_aug", "ddp_model",
-           "default_argument_parser", "get_resnest_cfg", "has_fast_coco_eval", "launch", "resnest_default_setup",
-           "setup_cfg"]
+__all__ = ["AMP_PRECISIONS", "AutocastTrainer", "CpuDistributedDataParallel", "Trainer", "adapt_cfg_to_device",
+           "build_sem_seg_train_aug", "build_trainer", "ddp_model", "default_argument_parser", "get_resnest_cfg",
+           "has_fast_coco_eval", "launch", "resnest_default_setup", "setup_cfg"]
 
 # Norm options detectron2 maps to torch's nn.SyncBatchNorm, which refuses CPU tensors in a process group.
 _HEAD_NORM_KEYS = ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.SEM_SEG_HEAD.NORM",

@@ -26,8 +26,9 @@ __all__ = ["AnyDeviceAmpOptimWrapper"]
 class AnyDeviceAmpOptimWrapper(AmpOptimWrapper):
     """mmengine's AmpOptimWrapper (its autocast, and its loss scaling on the accelerators it supports), with
     the model's score / box predictors (core.fuse.FP32_HEADS: mmdet's RPNHead rpn_cls / rpn_reg, BBoxHead
-    fc_cls / fc_reg) run in float32 inside the autocast region: proposals and their NMS stay fp32 (mmcv's CPU
-    nms refuses bf16; bf16 box coordinates would be off by up to 2 px at 500). On the CPU: autocast in
+    fc_cls / fc_reg; the RoI extractor) run in float32 inside the autocast region: proposals and their NMS stay
+    fp32 (mmcv's CPU nms and RoIAlign refuse bf16; bf16 coordinates are 2 px apart between 256 and 512, 4 px
+    up to 1024). On the CPU: autocast in
     `dtype` (default and only choice there: bfloat16, mmengine's CPU autocast refuses float16), no loss
     scaling (bfloat16 has float32's exponent range; `loss_scale` is not used and says so in the log), and
     the loss scaler a disabled torch GradScaler (scale, unscale_, step and update pass through; its state

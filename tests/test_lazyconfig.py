@@ -279,6 +279,20 @@ def test_train_net_trains_and_evaluates_on_the_demo_data(recipe, tmp_path):
         assert "Starting training" not in again  # evaluated only
 
 
+def test_train_net_amp_bf16_on_cpu(tmp_path):
+    """train.amp.enabled=True on the CPU: tools/train_net.py trains a LazyConfig Faster R-CNN in bf16 mixed
+    precision (build_trainer: AutocastTrainer) with a finite loss, then evaluates."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the float16 default runs detectron2's AMPTrainer")
+    name, out = "faster_rcnn_resnest50_fpn", tmp_path / "run"
+    log = train_net("--config", f"lazy/{name}", *demo_opts(name, out), "train.amp.enabled=True", cwd=tmp_path)
+    assert "mixed precision: bfloat16 autocast on cpu (AutocastTrainer)" in log
+    with open(out / "metrics.json") as f:
+        steps = [json.loads(line) for line in f if '"total_loss"' in line]
+    assert [s["iteration"] for s in steps] == [0] and math.isfinite(steps[0]["total_loss"])
+    assert list(ap_lines(log)) == ["bbox"]
+
+
 UPSTREAM_TOOL = os.path.join(sys.prefix, "detectron2-tools", "lazyconfig_train_net.py")
 
 

@@ -3,6 +3,7 @@
     trunk = build_resnest("resnest50").eval()        # or a detectron2 ResNeStBackbone, frozen or not
     fast = fuse_resnest(trunk)                       # a converted copy (inplace=True: convert this one)
     fast = deploy(trunk, channels_last=True)         # fuse + channels_last (+ compile=True: torch.compile)
+    fast = deploy(trunk, dtype=torch.bfloat16)       # ... run under bf16 autocast (also whole detectors)
 
 What changes (the outputs do not, up to float rounding; tests/test_fuse.py checks every variant):
   - every BatchNorm / SyncBatchNorm (running statistics) and FrozenBatchNorm (core or detectron2) is folded
@@ -21,8 +22,10 @@ The converted modules are inference only: folded statistics can no longer update
 The result stays a ResNeSt (same class, same `forward`, `output_shape()` for detectron2), and scripts,
 traces and exports to ONNX like the original.
 """
+import contextlib
 import copy
-from typing import Optional, Tuple
+import threading
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -32,8 +35,9 @@ from .deform import DeformConv2d
 from .split_attention import SplitAttentionConv2d, rsoftmax, split_sum
 from .trunk import STAGE_MODULES, Bottleneck, ResNeSt
 
-__all__ = ["FusedBottleneck", "FusedSplitAttention", "deploy", "fold_conv_norm", "fuse_resnest", "fuse_model",
-           "fused_split_sum", "norm_scale_shift"]
+__all__ = ["AUTOCAST_DTYPES", "FP32_HEADS", "FusedBottleneck", "FusedSplitAttention", "autocast_forward",
+           "autocast_inference", "deploy", "fold_conv_norm", "fp32_heads", "fuse_model", "fuse_resnest",
+           "fused_split_sum", "keep_fp32_heads", "norm_scale_shift"]
 
 
 # ---------------------------------------------------------------------------------------------- folding
@@ -286,16 +290,169 @@ def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, inplace: bool = False,
-           **compile_kwargs) -> nn.Module:
-    """fuse_model + channels_last, and optionally torch.compile.
+           dtype: Optional[torch.dtype] = None, **compile_kwargs) -> nn.Module:
+    """fuse_model + channels_last, optionally reduced precision (dtype) and torch.compile.
+
+    dtype=torch.bfloat16 (or torch.float16, for GPUs): the model's forward runs under
+    `torch.autocast(device, dtype)` (autocast_inference): convolutions and linear layers compute in that
+    dtype, with fp32 inputs accepted as before; the folding itself is done in float64 and the weights stay
+    float32 (autocast casts them per call). What stays float32: the radix softmax (core.rsoftmax computes it
+    in fp32), the score / box predictors and mmdet's RoI extractor (FP32_HEADS), and what autocast keeps in
+    fp32 or the model casts itself (detectron2 decodes boxes in fp32; torchvision's roi_align runs in fp32
+    under autocast). A trunk's features come out in `dtype`. Error against fp32: tests/test_bf16.py (per
+    stage), tests/test_amp_d2.py and tests/test_amp_mm.py (detectors).
 
     compile=True uses inductor with `freezing` (weights become constants: oneDNN weight prepacking and
     conv + ReLU / conv + add + ReLU fusion on CPU) unless `compile_kwargs` say otherwise. Measured by
     tools/benchmark.py (docs/benchmark.md); on CPU it needs a C++ compiler, the first call for each input
     shape takes minutes, and a new input shape recompiles (pass dynamic=True to avoid that, usually slower).
+    With dtype, the compiled model is called under autocast (not tested here).
     """
+    if dtype is not None and dtype != torch.float32 and dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"deploy: dtype={dtype} is not supported; use None / torch.float32, or one of "
+                         f"{[str(d) for d in AUTOCAST_DTYPES]} (autocast)")
     model = fuse_model(model, inplace=inplace, channels_last=channels_last)
     if compile:
         compile_kwargs.setdefault("options", {"freezing": True})
         model = torch.compile(model, **compile_kwargs)
+    if dtype is not None and dtype != torch.float32:
+        model = autocast_inference(model, dtype)
+    return model
+
+
+# ------------------------------------------------------------------------------------- reduced precision
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+# The layers whose outputs become scores and box coordinates, kept in float32 by autocast_inference (their
+# floating inputs are cast to fp32): class name (this class or a base) -> its submodules ("" = itself). They are
+# small (a 1x1 conv / linear over the features), and fp32 scores keep their ranking for NMS and AP.
+FP32_HEADS = {
+    "FastRCNNOutputLayers": ("",),                         # detectron2: class scores and box deltas
+    "StandardRPNHead": ("objectness_logits", "anchor_deltas"),
+    "RetinaNetHead": ("cls_score", "bbox_pred"),
+    "MaskRCNNConvUpsampleHead": ("predictor",),
+    "BBoxHead": ("fc_cls", "fc_reg"),                      # mmdet (ConvFCBBoxHead, Shared2FC/4Conv1FC...)
+    "RPNHead": ("rpn_cls", "rpn_reg"),
+    "BaseRoIExtractor": ("",),                             # mmdet: mmcv's CPU RoIAlign has no bf16 kernel
+}
+
+
+class _AutocastHooks:
+    """A forward pre-hook and forward hook pair running a module's forward under torch.autocast(device_type,
+    dtype), or with autocast off and floating inputs (positional; tensors and lists / tuples of tensors) cast
+    to float32 (dtype=torch.float32). Copies and pickles
+    of the module carry it (rebuilt from device type and dtype)."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype):
+        self.device_type, self.dtype = device_type, dtype
+        self._local = threading.local()
+
+    def __reduce__(self):
+        return type(self), (self.device_type, self.dtype)
+
+    def enter(self, module, args):
+        fp32 = self.dtype == torch.float32
+        context = torch.autocast(self.device_type, enabled=not fp32, **({} if fp32 else {"dtype": self.dtype}))
+        context.__enter__()
+        self._local.__dict__.setdefault("stack", []).append(context)
+        if fp32:
+            return tuple(_to_fp32(a) for a in args)
+        return None
+
+    def exit(self, module, args, output):
+        self._local.stack.pop().__exit__(None, None, None)
+
+
+def _to_fp32(value):
+    """Floating tensors (also in a list / tuple, e.g. feature levels) as float32; anything else unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_to_fp32(v) for v in value)
+    return value
+
+
+def _set_autocast_hooks(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    for table in (module._forward_pre_hooks, module._forward_hooks):  # an earlier setting (also a copy's)
+        for key in [k for k, hook in table.items() if isinstance(getattr(hook, "__self__", None), _AutocastHooks)]:
+            del table[key]
+            module._forward_hooks_always_called.pop(key, None)
+    hooks = _AutocastHooks(device_type, dtype)
+    module.register_forward_pre_hook(hooks.enter)
+    module.register_forward_hook(hooks.exit, always_call=True)
+
+
+@contextlib.contextmanager
+def autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype,
+                     keep_fp32: Optional[Sequence[str]] = None):
+    """While open, calls of `module` (its forward only: not the backward, not an optimizer step) run under
+    torch.autocast(device_type, dtype), with the submodules named in `keep_fp32` (default fp32_heads(module):
+    the score / box predictors) in float32 (keep_fp32_heads), as autocast_inference does. The mixed-precision
+    training step of d2.train.AutocastTrainer."""
+    hooks = _AutocastHooks(device_type, dtype)
+    handles = (module.register_forward_pre_hook(hooks.enter),
+               module.register_forward_hook(hooks.exit, always_call=True))
+    try:
+        with keep_fp32_heads(module, device_type, keep_fp32):
+            yield module
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def keep_fp32_heads(module: nn.Module, device_type: str, names: Optional[Sequence[str]] = None):
+    """While open, the submodules of `module` named in `names` (default fp32_heads(module)) run with
+    autocast off on float32 inputs, also when the caller has autocast on (mmengine's optim_context)."""
+    handles = []
+    for sub in _submodules(module, fp32_heads(module) if names is None else names, "keep_fp32_heads"):
+        hooks = _AutocastHooks(device_type, torch.float32)
+        handles += [sub.register_forward_pre_hook(hooks.enter),
+                    sub.register_forward_hook(hooks.exit, always_call=True)]
+    try:
+        yield module
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _submodules(model: nn.Module, names: Sequence[str], caller: str) -> List[nn.Module]:
+    modules = dict(model.named_modules())
+    missing = [name for name in names if name not in modules]
+    if missing:
+        raise ValueError(f"{caller}: keep_fp32 names {missing} are not submodules of {type(model).__name__}")
+    return [modules[name] for name in names]
+
+
+def fp32_heads(model: nn.Module) -> List[str]:
+    """Names of the submodules of `model` that FP32_HEADS keeps in float32."""
+    names = []
+    for name, module in model.named_modules():
+        for cls in type(module).__mro__:
+            for attr in FP32_HEADS.get(cls.__name__, ()):
+                if not attr:
+                    names.append(name)
+                elif isinstance(getattr(module, attr, None), nn.Module):
+                    names.append(f"{name}.{attr}" if name else attr)
+    return sorted(set(names))
+
+
+def autocast_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16, device_type: Optional[str] = None,
+                       keep_fp32: Optional[Sequence[str]] = None) -> nn.Module:
+    """Make `model` (itself: same object, same class) run its forward under torch.autocast(device_type,
+    dtype); device_type defaults to that of the model's first parameter. The submodules named in `keep_fp32`
+    (default: fp32_heads(model), the score and box predictors) run with autocast off on fp32 inputs. Calling
+    it again replaces the earlier setting; `model.autocast_dtype` tells the dtype. Meant for inference
+    (deploy(dtype=...)); mixed-precision training goes through the frameworks' AMP (detectron2 SOLVER.AMP,
+    mmengine AmpOptimWrapper), which keep backward and the optimizer step outside autocast."""
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast_inference: dtype={dtype} is not one of {[str(d) for d in AUTOCAST_DTYPES]}")
+    if device_type is None:
+        first = next(iter(model.parameters()), None)
+        device_type = first.device.type if first is not None else "cpu"
+    heads = _submodules(model, fp32_heads(model) if keep_fp32 is None else list(keep_fp32), "autocast_inference")
+    _set_autocast_hooks(model, device_type, dtype)
+    for head in heads:
+        _set_autocast_hooks(head, device_type, torch.float32)
+    model.autocast_dtype = dtype
     return model

@@ -138,10 +138,15 @@ def _synced_across_processes(norm: nn.Module) -> bool:
 def rsoftmax(attention: torch.Tensor, radix: int, cardinality: int) -> torch.Tensor:
     """rSoftMax: the split weights (B, radix, C, 1, 1), radix-major, from fc2's output (B, radix*C, 1, 1)
     whose rows are cardinality-major (k, r, c): a softmax over radix within each cardinal group. The fused
-    path permutes fc2's rows to radix-major once and passes cardinality=1 (the transpose is then a view)."""
+    path permutes fc2's rows to radix-major once and passes cardinality=1 (the transpose is then a view).
+
+    The softmax is computed in float32 whatever the input's dtype (bf16 / fp16 under torch.autocast or in a
+    half-precision model, where autocast itself would leave it in half precision), and its result is
+    returned in the input's dtype. For float32 input both casts are no-ops: bit-identical to before."""
     batch = attention.size(0)
     attention = attention.view(batch, cardinality, radix, -1).transpose(1, 2)
-    return F.softmax(attention, dim=1).reshape(batch, radix, -1, 1, 1)
+    weights = F.softmax(attention.float(), dim=1).to(attention.dtype)
+    return weights.reshape(batch, radix, -1, 1, 1)
 
 
 def split_sum(x: torch.Tensor, radix: int, attention: Optional[torch.Tensor] = None,

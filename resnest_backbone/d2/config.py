@@ -13,6 +13,11 @@ def add_resnest_config(cfg) -> None:
     """Add MODEL.RESNEST to a detectron2 config (idempotent)."""
     if "RESNEST" in cfg.MODEL:
         return
+    # Mixed-precision training (SOLVER.AMP.ENABLED): the autocast dtype, "float16" or "bfloat16"; "" = float16
+    # on CUDA (detectron2's AMPTrainer, with its GradScaler), bfloat16 elsewhere (CPU). detectron2 has no key
+    # for it (upstream main's AMPTrainer takes a `precision` argument): resnest_backbone.d2.train.build_trainer.
+    if "PRECISION" not in cfg.SOLVER.AMP:
+        cfg.SOLVER.AMP.PRECISION = ""
     _C = cfg.MODEL.RESNEST = CN()
     _C.VARIANT = "resnest50"  # a row of resnest_backbone.VARIANTS (or an alias such as resnest50d)
     # Architecture overrides; None = take the variant's value.

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
+from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
@@ -32,7 +32,7 @@ from ..core.dropblock import DropBlock2D
 from .backbone import ResNeStBackbone
 from .checkpoint import SafeDetectionCheckpointer
 from .hooks import ResNeStDropBlockHook, ResNeStPreciseBN
-from .train import ddp_model, has_fast_coco_eval, resnest_default_setup
+from .train import build_trainer, ddp_model, has_fast_coco_eval, resnest_default_setup
 
 __all__ = ["adapt_lazy_cfg_to_device", "do_test", "do_train", "is_lazy_config", "lazy_dataset_names",
            "lazy_main", "load_lazy_config", "setup_lazy_cfg"]
@@ -189,7 +189,8 @@ def do_train(args, cfg):
     train_loader = instantiate(cfg.dataloader.train)
 
     model = _ddp(model, cfg)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    trainer = build_trainer(model, train_loader, optim, cfg.train.device, amp=cfg.train.amp.enabled,
+                            precision=cfg.train.amp.get("precision", ""))
     # The trainer's state holds the optimizer (SimpleTrainer.state_dict), the iteration and the LR scheduler.
     checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, config=cfg, trainer=trainer)
     results = {}

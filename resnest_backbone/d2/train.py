@@ -1,5 +1,7 @@
 """Training and evaluation with detectron2's trainer, for every ResNeSt config of this project.
 
+    build_trainer      the step trainer for SOLVER.AMP: AMPTrainer (float16, CUDA) or AutocastTrainer (bfloat16,
+                       CPU or GPU: autocast forward, no loss scaling), SimpleTrainer without AMP
     Trainer            DefaultTrainer + what a ResNeSt run needs: COCOEvaluator / SemSegEvaluator chosen from
                        the dataset, the DeepLab data pipeline and poly LR for semantic segmentation, the safe
                        atomic checkpointer, the optimizer state, data stream position and seeds in
@@ -35,6 +37,7 @@ from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetE
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..core.fuse import autocast_forward
 from .checkpoint import SafeDetectionCheckpointer
 from .config import add_resnest_config
 from .deeplab import add_resnest_deeplab_config
@@ -42,9 +45,9 @@ from .resume import ExactResumeMixin, build_resumable_train_loader
 from .hooks import ResNeStPreciseBN, build_dropblock_hook
 from .model_zoo import get_config_file
 
-__all__ = ["CpuDistributedDataParallel", "Trainer", "adapt_cfg_to_device", "build_sem_seg_train_aug", "ddp_model",
-           "default_argument_parser", "get_resnest_cfg", "has_fast_coco_eval", "launch", "resnest_default_setup",
-           "setup_cfg"]
+__all__ = ["AMP_PRECISIONS", "AutocastTrainer", "CpuDistributedDataParallel", "Trainer", "adapt_cfg_to_device",
+           "build_sem_seg_train_aug", "build_trainer", "ddp_model", "default_argument_parser", "get_resnest_cfg",
+           "has_fast_coco_eval", "launch", "resnest_default_setup", "setup_cfg"]
 
 # Norm options detectron2 maps to torch's nn.SyncBatchNorm, which refuses CPU tensors in a process group.
 _HEAD_NORM_KEYS = ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.SEM_SEG_HEAD.NORM",
@@ -136,6 +139,50 @@ def ddp_model(model: nn.Module, on_cpu: bool, **kwargs) -> nn.Module:
     return create_ddp_model(model, **kwargs)
 
 
+class AutocastTrainer(SimpleTrainer):
+    """detectron2's SimpleTrainer with the model's forward (the losses) under torch.autocast(device_type,
+    precision): mixed precision in bfloat16, which has float32's exponent range, so needs no loss scaling
+    (detectron2's AMPTrainer needs CUDA and always scales for float16). The score / box predictors
+    (core.fuse.FP32_HEADS) run in float32, as in the bf16 inference path. Backward and the optimizer step run
+    outside autocast, on the float32 parameters, as in AMPTrainer."""
+
+    def __init__(self, model, data_loader, optimizer, device_type: str = "cpu",
+                 precision: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(model, data_loader, optimizer, **kwargs)
+        self.device_type, self.precision = device_type, precision
+
+    def run_step(self):
+        with autocast_forward(self.model, self.device_type, self.precision):
+            super().run_step()
+
+
+AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def build_trainer(model, data_loader, optimizer, device: str, amp: bool = False, precision: str = ""):
+    """The step trainer for SOLVER.AMP.ENABLED / PRECISION (LazyConfig: train.amp.enabled / precision):
+    SimpleTrainer without AMP; detectron2's AMPTrainer for float16 on CUDA (the default there); AutocastTrainer
+    for bfloat16 (the default elsewhere). float16 off CUDA is refused: it needs a GradScaler, which
+    detectron2's AMPTrainer only runs on CUDA."""
+    if not amp:
+        return SimpleTrainer(model, data_loader, optimizer)
+    device_type = torch.device(device).type
+    name = precision or ("float16" if device_type == "cuda" else "bfloat16")
+    if name not in AMP_PRECISIONS:
+        raise ValueError(f"SOLVER.AMP.PRECISION={precision!r}: use one of {sorted(AMP_PRECISIONS)} "
+                         "(or '' for float16 on CUDA, bfloat16 on CPU)")
+    if name == "float16":
+        if device_type != "cuda":
+            raise ValueError(f"SOLVER.AMP.PRECISION={precision!r} on device {device!r}: float16 training needs "
+                             "loss scaling, which detectron2's AMPTrainer runs only on CUDA; use bfloat16")
+        trainer = AMPTrainer(model, data_loader, optimizer)
+    else:
+        trainer = AutocastTrainer(model, data_loader, optimizer, device_type, AMP_PRECISIONS[name])
+    logging.getLogger("detectron2").info(f"mixed precision: {name} autocast on {device_type} "
+                                         f"({type(trainer).__name__})")
+    return trainer
+
+
 class Trainer(ExactResumeMixin, DefaultTrainer):
     """detectron2's DefaultTrainer (same hooks, writers, evaluation loop) for ResNeSt models.
 
@@ -155,7 +202,8 @@ class Trainer(ExactResumeMixin, DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = ddp_model(model, on_cpu=not cfg.MODEL.DEVICE.startswith("cuda"), broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = build_trainer(model, data_loader, optimizer, cfg.MODEL.DEVICE,
+                                      amp=cfg.SOLVER.AMP.ENABLED, precision=cfg.SOLVER.AMP.get("PRECISION", ""))
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, config=cfg,
                                                       trainer=weakref.proxy(self))

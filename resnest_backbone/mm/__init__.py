@@ -7,12 +7,16 @@ are installed). Configs reach it with
 The name differs from mmdet's / mmseg's built-in `ResNeSt` (a separate implementation with other key names),
 which stays available unchanged.
 
+`optim_wrapper = dict(type='AnyDeviceAmpOptimWrapper', dtype='bfloat16', ...)` trains in mixed precision on
+the CPU too (amp.py; mmengine's AmpOptimWrapper needs an accelerator).
+
 Importing this package also lets mmengine 0.10.7 read back its own training checkpoints under torch >= 2.6
 (`load_from` / `resume`), still with weights_only=True: see compat.py.
 """
 import importlib
 import importlib.util
 
+from .amp import AnyDeviceAmpOptimWrapper  # noqa: E402  (registers it in mmengine's OPTIM_WRAPPERS)
 from .backbone import ResNeStSA, mm_norm
 from .compat import allow_mmengine_checkpoints
 from .hooks import ResNeStDropBlockHook, ResNeStInputCheckHook, check_mm_input, register_hooks
@@ -49,6 +53,6 @@ REGISTERED_IN = _register()
 HOOKS_REGISTERED_IN = register_hooks()  # ResNeStDropBlockHook: mmengine's HOOKS, and mmdet's / mmseg's
 allow_mmengine_checkpoints()
 
-__all__ = ["ExactResumeHook", "HOOKS_REGISTERED_IN", "REGISTERED_IN", "REGISTRY_NAME", "ResNeStDropBlockHook",
-           "ResNeStInputCheckHook", "ResNeStSA", "allow_mmengine_checkpoints", "check_mm_input", "mm_norm",
-           "register_hooks"]
+__all__ = ["AnyDeviceAmpOptimWrapper", "ExactResumeHook", "HOOKS_REGISTERED_IN", "REGISTERED_IN", "REGISTRY_NAME",
+           "ResNeStDropBlockHook", "ResNeStInputCheckHook", "ResNeStSA", "allow_mmengine_checkpoints", "check_mm_input",
+           "mm_norm", "register_hooks"]

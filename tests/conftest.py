@@ -26,6 +26,22 @@ def randomize_norm_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
     return model
 
 
+@pytest.fixture(autouse=True)
+def _mm_default_scope_restored():
+    """mmengine keeps one current default scope per process: a Runner or `init_default_scope("mmdet")` in one
+    test would make a later test's `MMSEG_MODELS.build(EncoderDecoder)` look in mmdet's registry. Every test
+    ends with the scopes it started with."""
+    import sys
+
+    registry = sys.modules.get("mmengine.registry")
+    before = dict(registry.DefaultScope._instance_dict) if registry is not None else {}
+    yield
+    registry = sys.modules.get("mmengine.registry")
+    if registry is not None:
+        registry.DefaultScope._instance_dict.clear()
+        registry.DefaultScope._instance_dict.update(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small tensors: one thread is faster, and far faster on a loaded machine (no OpenMP spin-waits)."""

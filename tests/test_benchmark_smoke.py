@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from resnest_backbone.bench import candidates, render, run, treatments
+from resnest_backbone.bench import candidates, measure, render, run, treatments
 from resnest_backbone.bench.measure import matmul_peak
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,11 +73,13 @@ def test_benchmark_smoke(tmp_path):
     assert all(g["resnest"] > g["resnet"] > 0 for g in bb["gmacs"].values())
     peak = saved["peak"]
     assert peak["fp32"]["gflops"] > 0 and peak["bf16"]["gflops"] > 0
+    assert set(peak["fp32"]["conv"]) == set(candidates.SMOKE_CONV_SHAPES)  # --smoke: a small convolution
     assert peak["bf16_over_fp32"] == peak["bf16"]["gflops"] / peak["fp32"]["gflops"]
     md = (tmp_path / "b.md").read_text()
     for i in bb["implementations"]:
         assert f"| {i['name']} |" in md
-    assert "## Goals (issue 12)" in md and "## Machine limit: matmul peak" in md
+    assert "## Goals (issue 12)" in md and "## Machine limit: matmul and convolution peak" in md
+    assert "| dtype | mm 128x128 | mm 256x256 | conv 3x3 32->32 @32x32 | peak |" in md
     assert md.count("| met |") + md.count("| **NOT MET** |") + md.count("| not measured |") == 6
     if saved.get("detector"):
         det = saved["detector"]["eval"]
@@ -174,10 +176,24 @@ def test_bf16_fast_path_only_where_deploy_takes_a_dtype(monkeypatch):
 
 
 def test_matmul_peak_small():
-    peak = matmul_peak((64, 128), repeats=1)
+    shapes = {"conv 3x3 16->16 @16x16": (16, 16, 3, 16), "conv 1x1 32->16 @8x8": (32, 16, 1, 8)}
+    peak = matmul_peak((64, 128), repeats=1, conv_shapes=shapes)
     for d in ("fp32", "bf16"):
-        assert set(peak[d]["sizes"]) == {"64", "128"} and peak[d]["gflops"] == max(peak[d]["sizes"].values()) > 0
+        p = peak[d]
+        assert set(p["sizes"]) == {"64", "128"} and p["matmul_gflops"] == max(p["sizes"].values()) > 0
+        assert set(p["conv"]) == set(shapes) and min(p["conv"].values()) > 0
+        # the limit is the faster of matmul and convolution, so no measured throughput is above it by design
+        assert p["gflops"] == max(p["matmul_gflops"], *p["conv"].values())
     assert "gflops" in peak["int8"] or "error" in peak["int8"]
+    assert "conv" not in peak["int8"]  # int8 convolutions need a quantized model: matmul only
+    assert peak["bf16_over_fp32"] == peak["bf16"]["gflops"] / peak["fp32"]["gflops"]
+
+
+def test_conv_rate_counts_two_flops_per_multiply_add(monkeypatch):
+    # 1 x 1 conv 8 -> 4 on 2 x 2: 8 * 4 * 4 = 128 multiply-adds = 256 FLOP; with each call timed at 1 ms
+    clock = iter(range(100))
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock) * 1e-3)
+    assert measure.conv_rate(torch.float32, 8, 4, 1, 2, repeats=2) == pytest.approx(256 / 1e-3 / 1e9)
 
 
 def test_parse_workloads():

@@ -39,6 +39,7 @@ IMAGES = {  # name: (PIL mode, (width, height))
 
 def small_cfg(**overrides):
     opts = {"MODEL.RESNEST.VARIANT": "resnest14d", "INPUT.MIN_SIZE_TRAIN": (64,), "INPUT.MAX_SIZE_TRAIN": 128,
+            "INPUT.MIN_SIZE_TRAIN_SAMPLING": "choice",  # the config samples a (640, 800) range; one size here
             "INPUT.MIN_SIZE_TEST": 64, "INPUT.MAX_SIZE_TEST": 128, "MODEL.ROI_HEADS.NUM_CLASSES": 2,
             "MODEL.RPN.POST_NMS_TOPK_TRAIN": 64, "MODEL.RPN.POST_NMS_TOPK_TEST": 32,
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": 32, "INPUT.RANDOM_FLIP": "none",

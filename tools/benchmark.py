@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Side-by-side speed of ResNeSt backbones, each implementation under the same menu of standard treatments:
 ours, the official code (resnest==0.0.5), timm, and torchvision's ResNet of the same depth; plus Faster
-R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machine's matmul peak.
+R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machine's peak (the best of matmuls and dense convolutions).
 
     python tools/benchmark.py --threads 2        # full run: docs/benchmark.json, then .md and .png from it
     python tools/benchmark.py --threads 2 --compile       # also torch.compile (slow: minutes per model)
@@ -13,7 +13,7 @@ R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machin
         --out docs/grad_checkpoint.md      # only: training step with / without gradient checkpointing
 
 Pieces (resnest_backbone.bench): candidates.py (workloads, implementations), treatments.py (the menu),
-measure.py (timing, peak memory, GMACs, matmul peak), run.py (what is measured, into one JSON-able dict),
+measure.py (timing, peak memory, GMACs, machine peak), run.py (what is measured, into one JSON-able dict),
 render.py (markdown + png from that dict alone, and the goals). This file is the command line: it measures
 into --json (default: --out with .json), then renders the report from the JSON as written.
 The torch thread count is fixed (--threads) and recorded; run it on a quiet machine.
@@ -38,7 +38,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from resnest_backbone.bench.candidates import (FULL_EVAL, FULL_TRAIN, GRAD_CHECKPOINT_LOAD,  # noqa: E402
-                                               SMOKE_EVAL, SMOKE_GRAD_CHECKPOINT_LOAD, SMOKE_TRAIN,
+                                               SMOKE_CONV_SHAPES, SMOKE_EVAL, SMOKE_GRAD_CHECKPOINT_LOAD,
+                                               SMOKE_TRAIN,
                                                detector_workload, parse_workloads)
 from resnest_backbone.bench.render import render_markdown, render_png  # noqa: E402
 from resnest_backbone.bench.run import run_benchmark  # noqa: E402
@@ -148,7 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         detector_load=None if args.no_detector else detector_workload(smoke),
         grad_checkpoint_variants=gc_variants, grad_checkpoint_load=gc_load, backbone=not args.grad_checkpoint_only,
         compile_=args.compile, warmup=args.warmup, repeats=args.repeats, repeats_large=args.repeats_large,
-        memory=not args.no_memory, peak_sizes=peak_sizes, device=args.device, args=dict(vars(args)),
+        memory=not args.no_memory, peak_sizes=peak_sizes, peak_convs=SMOKE_CONV_SHAPES if smoke else None,
+        device=args.device, args=dict(vars(args)),
         argv=list(argv) if argv is not None else sys.argv[1:])
     text = json.dumps(res, indent=1)
     _write(args.json, text + "\n")

@@ -14,7 +14,7 @@ from torch import nn
 from ..core import build_resnest, get_variant
 from .treatments import Treatment, own_treatments
 
-__all__ = ["FULL_EVAL", "FULL_TRAIN", "GRAD_CHECKPOINT_LOAD", "Implementation", "SMOKE_EVAL",
+__all__ = ["FULL_EVAL", "FULL_TRAIN", "GRAD_CHECKPOINT_LOAD", "Implementation", "SMOKE_CONV_SHAPES", "SMOKE_EVAL",
            "SMOKE_GRAD_CHECKPOINT_LOAD", "SMOKE_TRAIN", "Stages", "Workload", "backbone_implementations",
            "detector_implementations", "detector_workload", "official_resnest", "parse_workloads", "resnet_depth_name",
            "timm_resnest", "torchvision_resnet"]
@@ -44,6 +44,7 @@ FULL_TRAIN = (Workload(2, 800, 1216),)
 SMOKE_EVAL = (Workload(1, 64, 64), Workload(2, 64, 96))
 SMOKE_TRAIN = (Workload(2, 64, 64),)
 GRAD_CHECKPOINT_LOAD, SMOKE_GRAD_CHECKPOINT_LOAD = Workload(2, 320, 320), Workload(2, 64, 64)
+SMOKE_CONV_SHAPES = {"conv 3x3 32->32 @32x32": (32, 32, 3, 32)}  # the full run: measure.CONV_SHAPES
 
 
 def parse_workloads(text: str) -> Tuple[Workload, ...]:

@@ -7,7 +7,9 @@
   measure_peak peak memory of the tensors allocated during a step (on CPU, counted by a dispatch-mode tracker
                over tensor storages; on CUDA, torch.cuda.max_memory_allocated), above what existed before it
   count_gmacs  multiply-adds of the architecture (fvcore; it reports a multiply-add as one "flop")
-  matmul_peak  the machine's limit: square matmul GFLOP/s per dtype on the current threads
+  matmul_peak  the machine's limit: GFLOP/s per dtype on the current threads, the best of square matmuls and
+               of large dense convolutions (oneDNN's convolution kernels can beat torch.mm: the limit is the
+               faster of the two, never a figure that the models then exceed)
   environment  what a timing depends on (device, torch, threads, load, CPU flags)
 """
 import datetime
@@ -25,8 +27,8 @@ from torch import nn
 
 logger = logging.getLogger("resnest.benchmark")
 
-__all__ = ["MATMUL_DTYPES", "PeakTensorMemory", "count_gmacs", "cpu_flags", "environment", "eval_step",
-           "interleaved", "load_average", "matmul_peak", "matmul_rate", "measure_peak", "median", "train_step",
+__all__ = ["CONV_SHAPES", "MATMUL_DTYPES", "PeakTensorMemory", "count_gmacs", "cpu_flags", "environment", "eval_step",
+           "conv_rate", "interleaved", "load_average", "matmul_peak", "matmul_rate", "measure_peak", "median", "train_step",
            "try_call"]
 
 
@@ -179,13 +181,61 @@ def matmul_rate(dtype: torch.dtype, n: int, repeats: int = 3, device="cpu") -> f
 
 
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+# name: (in channels, out channels, kernel, height = width), batch 1, stride 1, "same" padding: the dense
+# convolutions of a ResNet-style trunk at detection size, big enough that the kernel, not overhead, is timed
+CONV_SHAPES = {"conv 1x1 1024->1024 @64x64": (1024, 1024, 1, 64), "conv 3x3 256->256 @128x128": (256, 256, 3, 128)}
 
 
-def matmul_peak(sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 3, device="cpu") -> dict:
-    """The machine's limit on the current threads: matmul GFLOP/s per dtype (fp32, bf16, int8) and size,
-    and the max over sizes: {dtype: {"sizes": {n: GFLOP/s}, "gflops": max} or {"error": message}}.
-    "bf16_over_fp32" is the ratio of the two peaks: well above 1 when bf16 runs on native instructions
-    (AVX512-BF16 / AMX on CPU), about 1 or below when it is emulated through fp32."""
+def _best_time(op: Callable[[], object], repeats: int, device: torch.device) -> float:
+    op()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        op()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_rate(dtype: torch.dtype, n: int, repeats: int = 3, device="cpu") -> float:
+    """GFLOP/s (2 n^3 per product) of an n x n @ n x n matmul in `dtype` on the current threads: the best of
+    `repeats` timed products after one untimed. int8: torch._int_mm (int32 accumulation)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    if dtype == torch.int8:
+        a, b = (torch.randint(-64, 64, (n, n), generator=gen, dtype=torch.int8).to(device) for _ in range(2))
+        op = torch._int_mm
+    else:
+        a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+        op = torch.mm
+    return 2 * n ** 3 / _best_time(lambda: op(a, b), repeats, device) / 1e9
+
+
+def conv_rate(dtype: torch.dtype, cin: int, cout: int, kernel: int, size: int, repeats: int = 3,
+              device="cpu") -> float:
+    """GFLOP/s (2 x multiply-adds) of one dense convolution in `dtype`, channels_last, batch 1, stride 1,
+    padding kernel // 2, on a size x size input: the best of `repeats` timed calls after one untimed."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cin, size, size, generator=gen).to(device=device, dtype=dtype,
+                                                         memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, kernel, kernel, generator=gen) * 0.01).to(device=device, dtype=dtype,
+                                                                           memory_format=torch.channels_last)
+    with torch.no_grad():
+        seconds = _best_time(lambda: torch.nn.functional.conv2d(x, w, padding=kernel // 2), repeats, device)
+    return 2 * cin * cout * kernel * kernel * size * size / seconds / 1e9
+
+
+def matmul_peak(sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 3, device="cpu",
+                conv_shapes: Optional[Dict[str, Tuple[int, int, int, int]]] = None) -> dict:
+    """The machine's limit on the current threads, per dtype: square matmul GFLOP/s per size (fp32, bf16,
+    int8) and dense convolution GFLOP/s per shape of `conv_shapes` (default CONV_SHAPES; fp32 and bf16):
+    {dtype: {"sizes": {n: GFLOP/s}, "conv": {shape: GFLOP/s}, "matmul_gflops": max over sizes,
+    "gflops": max over everything} or {"error": message}}. "gflops" is the limit every throughput is a
+    fraction of. "bf16_over_fp32" is the ratio of the two limits: well above 1 when bf16 runs on native
+    instructions (AVX512-BF16 / AMX on CPU), about 1 or below when it is emulated through fp32."""
+    shapes = CONV_SHAPES if conv_shapes is None else conv_shapes
     out: dict = {}
     for name, dtype in MATMUL_DTYPES.items():
         rates = {}
@@ -195,8 +245,19 @@ def matmul_peak(sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 3, dev
         except Exception as exc:  # noqa: BLE001 - e.g. no int8 matmul on this device / torch
             out[name] = {"error": _describe(exc)}
             continue
-        out[name] = {"sizes": rates, "gflops": max(rates.values())}
-        logger.info("matmul %s: %s GFLOP/s", name, ", ".join(f"{n}: {r:.0f}" for n, r in rates.items()))
+        entry = {"sizes": rates, "matmul_gflops": max(rates.values())}
+        if dtype.is_floating_point:
+            convs = {}
+            for shape, (cin, cout, kernel, size) in shapes.items():
+                convs[shape], error = try_call(lambda: conv_rate(dtype, cin, cout, kernel, size, repeats, device))
+                if error:
+                    logger.info("%s %s: %s", shape, name, error)
+                    del convs[shape]
+            entry["conv"] = convs
+        entry["gflops"] = max([entry["matmul_gflops"], *entry.get("conv", {}).values()])
+        out[name] = entry
+        logger.info("peak %s: %s GFLOP/s", name, ", ".join(
+            f"{n}: {r:.0f}" for n, r in {**rates, **entry.get("conv", {})}.items()))
     if "gflops" in out["fp32"] and "gflops" in out["bf16"]:
         out["bf16_over_fp32"] = out["bf16"]["gflops"] / out["fp32"]["gflops"]
     return out

@@ -12,7 +12,7 @@ precision, with random weights), and, unless memory=False, the peak tensor memor
 
 Result layout (run_benchmark):
   env, args                     what and where (measure.environment; the options)
-  peak                          matmul GFLOP/s per dtype (measure.matmul_peak)
+  peak                          matmul and convolution GFLOP/s per dtype (measure.matmul_peak)
   treatments                    {name: {"dtype", "description"}} every treatment that appears
   backbone                      {"implementations": [{"role", "name", "arch", "own"}], "gmacs": {workload:
                                 {"resnest", "resnet"}}, "eval" / "train": {workload: {role: {treatment:
@@ -207,9 +207,9 @@ def run_benchmark(*, variant: str, eval_loads: Sequence[Workload], train_loads: 
                   detector_load: Optional[Workload], grad_checkpoint_variants: Sequence[str] = (),
                   grad_checkpoint_load: Optional[Workload] = None, backbone: bool = True, compile_: bool = False,
                   warmup: int = 1, repeats: int = 7, repeats_large: int = 3, memory: bool = True,
-                  peak_sizes: Sequence[int] = (1024, 2048, 4096), device="cpu", args: Optional[dict] = None,
+                  peak_sizes: Sequence[int] = (1024, 2048, 4096), peak_convs: Optional[dict] = None, device="cpu", args: Optional[dict] = None,
                   argv: Optional[Sequence[str]] = None) -> dict:
-    """The whole run, in the current torch threads: matmul peak, backbones, detectors (when detectron2 is
+    """The whole run, in the current torch threads: machine peak, backbones, detectors (when detectron2 is
     installed and detector_load is given), gradient checkpointing (when variants are given)."""
     start = time.perf_counter()
     env = environment(device)
@@ -218,7 +218,7 @@ def run_benchmark(*, variant: str, eval_loads: Sequence[Workload], train_loads: 
     res: dict = {"schema": 2, "env": env, "args": dict(args or {})}
     rounds = dict(warmup=warmup, repeats=repeats, repeats_large=repeats_large, device=device)
     if backbone:
-        res["peak"] = matmul_peak(peak_sizes, device=device)
+        res["peak"] = matmul_peak(peak_sizes, device=device, conv_shapes=peak_convs)  # None: CONV_SHAPES
         res["backbone"] = run_backbones(variant, eval_loads, train_loads, compile_=compile_, memory=memory,
                                         **rounds)
         if detector_load is not None:

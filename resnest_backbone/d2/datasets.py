@@ -78,12 +78,12 @@ def _register_demo_panoptic(name: str, p: dict, root: str) -> List[str]:
     register_coco_panoptic_separated(name, metadata, p["image_root"], p["panoptic_root"], p["panoptic_json"],
                                      p["sem_seg_root"], p["instances_json"])
     for registered_name in registered:
-        load = DatasetCatalog[registered_name]  # the registered function (DatasetCatalog is a UserDict)
+        read_dicts = DatasetCatalog[registered_name]  # the registered function (DatasetCatalog is a UserDict)
         DatasetCatalog.remove(registered_name)
 
-        def generate_then_load(load=load):
+        def generate_then_load(read_dicts=read_dicts):
             ensure_demo_data(root)
-            return load()
+            return read_dicts()
 
         DatasetCatalog.register(registered_name, generate_then_load)
     return registered

@@ -78,14 +78,12 @@ def bf16_autocast(model: nn.Module, x: torch.Tensor) -> Step:
 def int8_fx(model: nn.Module, x: torch.Tensor) -> Step:
     if x.device.type != "cpu":
         raise RuntimeError(f"int8 FX quantization (x86 backend) runs on CPU only, not {x.device.type}")
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from ..core.quant import fx_int8  # the same flow as quantize_int8, for any FX-traceable model
 
-    torch.backends.quantized.engine = "x86"
-    prepared = prepare_fx(model.eval(), get_default_qconfig_mapping("x86"), (x,))
+    prepared, convert = fx_int8(model, (x,), "x86")
     with torch.no_grad():
         prepared(x)  # calibration: the observers record the activations' ranges
-    return convert_fx(prepared)
+    return convert(prepared)
 
 
 EAGER = Treatment("eager", eager, description="the model as built, NCHW")

@@ -197,6 +197,11 @@ def split_sum(x: torch.Tensor, radix: int, attention: Optional[torch.Tensor] = N
         return (splits * attention).sum(1)
 
 
+# A leaf for torch.fx: symbolic tracing (int8 FX quantization) records split_sum as one call instead of
+# branching on the traced tensor's memory format.
+torch.fx.wrap("split_sum")
+
+
 def weighted_split_sum(x: torch.Tensor, attention: torch.Tensor, radix: int) -> torch.Tensor:
     """The splits of `x` weighted by `attention` and summed, in the training form: split_sum."""
     return split_sum(x, radix, attention)

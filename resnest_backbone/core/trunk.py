@@ -179,6 +179,19 @@ def _undo_buffer_updates(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+
+def check_image_batch(x: torch.Tensor) -> None:
+    """ValueError unless `x` is an (N, 3, H, W) batch. A leaf for torch.fx (wrapped below): symbolic tracing
+    (e.g. int8 FX quantization) records the call instead of branching on a traced shape."""
+    if x.dim() != 4 or x.size(1) != 3:
+        if not torch.jit.is_scripting():
+            raise ValueError(f"ResNeSt expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
+        raise ValueError("ResNeSt expects an (N, 3, H, W) image batch")
+
+
+torch.fx.wrap("check_image_batch")
+
+
 class ResNeSt(nn.Module):
     """The ResNeSt trunk. `forward(x)` returns {"stem", "res2".."res5"} restricted to `out_features`.
 
@@ -363,10 +376,7 @@ class ResNeSt(nn.Module):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if x.dim() != 4 or x.size(1) != 3:
-            if not torch.jit.is_scripting():
-                raise ValueError(f"ResNeSt expects an (N, 3, H, W) image batch, got shape {tuple(x.shape)}")
-            raise ValueError("ResNeSt expects an (N, 3, H, W) image batch")
+        check_image_batch(x)
         if self.training and x.size(0) == 1 and not torch.jit.is_scripting():
             self._check_batch_statistics(x)
         outputs: Dict[str, torch.Tensor] = {}

@@ -1,0 +1,133 @@
+"""int8 inference for the ResNeSt trunk: PyTorch's own post-training static quantization, torch.ao FX graph
+mode with the x86 backend (fbgemm / oneDNN int8 kernels; VNNI where the CPU has it). CPU only.
+
+    from resnest_backbone.core.quant import quantize_int8
+    q = quantize_int8(trunk, calibration=[images1, images2])           # a trunk: its int8 GraphModule
+    q = quantize_int8(d2_model, calibration=[batched_inputs1, ...])    # any model: its ResNeSt trunk(s) in int8
+
+Every ResNeSt trunk in the model (the model itself, detectron2's `backbone.bottom_up`, mmdet/mmseg's
+`backbone`) is symbolically traced, observed while the whole model runs on the calibration inputs (each
+item is called as `model(item)`), and converted: convolutions (with their folded BatchNorm and ReLU) and the
+attention's 1x1 convolutions run in int8 with per-channel weight scales (every BatchNorm kind, frozen or
+synchronised, is folded first); what the x86 mapping does not
+quantize (the radix softmax, split sums) runs in fp32 between quantize / dequantize steps. The trunk's
+outputs are fp32 again (dequantized), so necks and heads are untouched and stay fp32. The caller's model is
+not modified (a copy is quantized) unless inplace=True.
+
+Error against fp32 is stated by tests/test_int8.py (relative error per stage on a trunk with calibrated
+statistics; a detectron2 Faster R-CNN's FPN levels and detections), speed by tools/benchmark.py ("int8 fx").
+Not for training, TorchScript or ONNX export of the quantized graph.
+"""
+import copy
+from typing import Iterable, List, Tuple
+
+import torch
+from torch import nn
+
+from .trunk import ResNeSt
+
+__all__ = ["fx_int8", "quantize_int8", "resnest_trunks"]
+
+
+def fx_int8(module: nn.Module, example: tuple, backend: str = "x86"):
+    """`module` prepared for post-training static int8 (torch.ao prepare_fx with the backend's default
+    qconfig mapping), and a function that converts it once calibrated: (prepared, convert). Run the prepared
+    module on representative inputs (its observers record the ranges), then call convert(prepared). Raises
+    what FX tracing raises for a module that is not symbolically traceable."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    if backend not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(f"int8: the quantized engine {backend!r} is not in this torch build "
+                           f"(supported: {torch.backends.quantized.supported_engines})")
+    torch.backends.quantized.engine = backend
+    prepared = prepare_fx(module.eval(), get_default_qconfig_mapping(backend), example)
+    return prepared, convert_fx
+
+
+def resnest_trunks(model: nn.Module) -> List[Tuple[str, ResNeSt]]:
+    """(qualified name, module) of each outermost ResNeSt trunk in `model` ("" if the model is one)."""
+    found: List[Tuple[str, ResNeSt]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, ResNeSt) and not any(name.startswith(f"{outer}.") or outer == ""
+                                                   for outer, _ in found):
+            found.append((name, module))
+    return found
+
+
+def _plain_batch_norms(trunk: nn.Module) -> None:
+    """Every inference-time per-channel affine norm of `trunk` that is not a plain nn.BatchNorm2d (SyncBN,
+    detectron2's NaiveSyncBatchNorm and FrozenBatchNorm2d, ours) becomes an nn.BatchNorm2d computing the same
+    map (weight = scale, bias = shift, mean 0, variance 1, eps 0; fuse.norm_scale_shift), in place: FX traces
+    nn.BatchNorm2d as a leaf and folds it into the preceding convolution, where the other classes' forwards
+    branch on tensor attributes or are traced into unfolded arithmetic. GroupNorm stays as it is."""
+    from .fuse import norm_scale_shift
+
+    for name, module in list(trunk.named_modules()):
+        if type(module) is nn.BatchNorm2d or not name:
+            continue
+        stats = norm_scale_shift(module)
+        if stats is None:
+            continue
+        scale, shift = stats
+        plain = nn.BatchNorm2d(scale.numel(), eps=0.0).eval()
+        with torch.no_grad():
+            plain.weight.copy_(scale)
+            plain.bias.copy_(shift)
+        _set(trunk, name, plain)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def quantize_int8(model: nn.Module, calibration: Iterable, backend: str = "x86", inplace: bool = False) -> nn.Module:
+    """`model` with every ResNeSt trunk in post-training static int8 (see the module docstring), calibrated
+    by calling the model on each item of `calibration` (at least one; use a few real, normalised inputs of
+    the deployment size: the activation ranges come from them). A model that is itself a trunk comes back as
+    its quantized torch.fx GraphModule (same outputs: a dict of fp32 feature maps)."""
+    trunks = resnest_trunks(model)
+    if not trunks:
+        raise ValueError(f"quantize_int8: no ResNeSt trunk in {type(model).__name__}")
+    devices = {p.device.type for p in model.parameters()}
+    if devices - {"cpu"}:
+        raise ValueError(f"quantize_int8: int8 ({backend}) runs on CPU; the model is on {sorted(devices)}")
+    inputs = list(calibration)
+    if not inputs:
+        raise ValueError("quantize_int8: calibration is empty; give at least one input for model(input)")
+    model = model if inplace else copy.deepcopy(model)
+    model.eval()
+    trunks = resnest_trunks(model)
+    if trunks[0][0] == "":  # the model is a trunk: its input is the calibration item itself
+        examples = {"": (inputs[0],)}
+    else:  # the trunks' inputs as the model produces them: recorded on the first calibration call
+        examples = {}
+        handles = [module.register_forward_pre_hook(lambda m, args, name=name: examples.setdefault(name, args))
+                   for name, module in trunks]
+        try:
+            with torch.no_grad():
+                model(inputs[0])
+        finally:
+            for h in handles:
+                h.remove()
+        unused = [name for name, _ in trunks if name not in examples]
+        if unused:
+            raise ValueError(f"quantize_int8: the ResNeSt trunk(s) {unused} did not run on the calibration input")
+    prepared = {}
+    for name, module in trunks:
+        _plain_batch_norms(module)
+        prepared[name], convert = fx_int8(module, examples[name], backend)
+        if name == "":
+            model = prepared[name]
+        else:
+            _set(model, name, prepared[name])
+    with torch.no_grad():
+        for item in inputs:
+            model(item)
+    for name, module in prepared.items():
+        converted = convert(module)
+        if name == "":
+            return converted
+        _set(model, name, converted)
+    return model

@@ -113,3 +113,79 @@ def test_detectron2_faster_rcnn_int8_backbone():
     assert len(detections) > 0
     assert detections.pred_boxes.tensor.dtype == detections.scores.dtype == torch.float32
     assert torch.isfinite(detections.pred_boxes.tensor).all() and torch.isfinite(detections.scores).all()
+
+
+def test_mmdet_faster_rcnn_int8_backbone():
+    """The mmdet route: quantize_int8(mmdet Faster R-CNN ResNeSt-14d FPN, forward=test_step) calibrated on two
+    batches as a data loader gives them; model.backbone becomes the int8 graph (every conv of ResNeSt-14d:
+    stem 3 + 4 blocks x 5 + 4 downsample = 27), the features after the neck stay within INT8_REL of fp32's,
+    `predict` gives fp32 boxes and scores in the image."""
+    pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs it)")
+    import os
+
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    from mmdet.structures import DetDataSample
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch.manual_seed(0)
+    cfg = Config.fromfile(os.path.join(root, "configs", "mmdet", "faster-rcnn_resnest14d_fpn_demo.py"))
+    init_default_scope(cfg.get("default_scope"))
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    model = randomize_norms(model).eval()
+    g = torch.Generator().manual_seed(2)
+
+    def batch():
+        meta = dict(img_shape=(128, 128), ori_shape=(128, 128), scale_factor=(1.0, 1.0))
+        return dict(inputs=[torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8, generator=g)],
+                    data_samples=[DetDataSample(metainfo=meta)])
+
+    calibration, data = [batch(), batch()], batch()
+    q = quantize_int8(model, calibration, forward=lambda m, d: m.test_step(d))
+    assert isinstance(q.backbone, torch.fx.GraphModule) and quantized_convs(q) == 27
+    with torch.no_grad():
+        inputs = model.data_preprocessor(data, training=False)["inputs"]
+        ref, out = model.extract_feat(inputs), q.extract_feat(inputs)
+        errors = [rel_err(a, b) for a, b in zip(out, ref)]
+        assert len(errors) == 5 and all(INT8_MIN < e < INT8_REL for e in errors), errors
+        pred = q.test_step(data)[0].pred_instances
+    assert len(pred) > 0 and pred.bboxes.dtype == pred.scores.dtype == torch.float32
+    assert torch.isfinite(pred.bboxes).all() and pred.bboxes.min() >= 0 and pred.bboxes.max() <= 128
+
+
+@pytest.mark.d2
+def test_train_net_eval_only_deploy(tmp_path):
+    """tools/train_net.py --eval-only --deploy {fp32,int8}: the evaluation runs on the inference form (int8
+    calibrated on --calibration-images training images); --deploy without --eval-only is refused."""
+    import os
+    import subprocess
+    import sys
+
+    from detectron2.modeling import build_model
+
+    from test_guards import DEMO, R14, TINY
+    from conftest import d2_cfg
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = d2_cfg(DEMO, **dict(zip(R14[::2], R14[1::2])))
+    torch.manual_seed(0)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")
+    env.setdefault("DETECTRON2_DATASETS", os.path.join(repo, "datasets"))
+
+    def train_net(*args):
+        return subprocess.run([sys.executable, os.path.join(repo, "tools", "train_net.py"), "--config-file", DEMO,
+                               *args, *R14, *TINY, "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(tmp_path / "out")],
+                              cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=600)
+
+    for how in ("fp32", "int8"):
+        proc = train_net("--eval-only", "--deploy", how, "--calibration-images", "2")
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        assert "Evaluation results for bbox" in proc.stdout
+        assert ("int8: calibrating on 2 image(s) of resnest_demo_det_train" in proc.stdout) == (how == "int8")
+    refused = train_net("--deploy", "int8")
+    assert refused.returncode != 0 and "--deploy is for evaluation: add --eval-only" in refused.stdout

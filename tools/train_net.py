@@ -7,6 +7,8 @@ by the config.
     tools/train_net.py --config-file configs/faster_rcnn_resnest50_fpn.yaml --num-gpus 8
     tools/train_net.py --config-file configs/deeplabv3_resnest50_ade20k.yaml --num-gpus 8
     tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    tools/train_net.py --config-file CFG --eval-only --deploy int8 MODEL.WEIGHTS ...   # or fp32 / bf16: AP of
+                                                        # the inference form (BN folded; bf16; int8 trunk)
     tools/train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR/last_checkpoint
     tools/train_net.py --config-file configs/demo_faster_rcnn_resnest.yaml   # the generated demo set, CPU
     tools/train_net.py --config lazy/mask_rcnn_resnest50_fpn.py --num-gpus 8 train.init_checkpoint=X.pkl
@@ -35,17 +37,24 @@ from resnest_backbone.convert import CheckpointError  # noqa: E402
 from resnest_backbone.d2.checkpoint import SafeDetectionCheckpointer  # noqa: E402
 from resnest_backbone.d2.lazy import is_lazy_config, lazy_main  # noqa: E402
 from resnest_backbone.d2.model_zoo import get_config_file  # noqa: E402
-from resnest_backbone.d2.train import Trainer, default_argument_parser, launch, setup_cfg  # noqa: E402
+from resnest_backbone.d2.train import (Trainer, default_argument_parser, deploy_for_eval, launch,  # noqa: E402
+                                       setup_cfg)
 
 
 def main(args):
+    if args.deploy and not args.eval_only:
+        raise SystemExit("train_net: error: --deploy is for evaluation: add --eval-only")
     if args.config_file and is_lazy_config(args.config_file):  # a LazyConfig (.py, or its saved config.yaml)
+        if args.deploy:
+            raise SystemExit("train_net: error: --deploy works with yaml configs (not a LazyConfig yet)")
         return lazy_main(args)
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR, config=cfg).resume_or_load(cfg.MODEL.WEIGHTS,
                                                                                              resume=args.resume)
+        if args.deploy:  # the inference form: BN folded, bf16 or int8 (deploy_for_eval)
+            model = deploy_for_eval(cfg, model, args.deploy, args.calibration_images)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

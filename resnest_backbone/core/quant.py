@@ -7,7 +7,7 @@ mode with the x86 backend (fbgemm / oneDNN int8 kernels; VNNI where the CPU has 
 
 Every ResNeSt trunk in the model (the model itself, detectron2's `backbone.bottom_up`, mmdet/mmseg's
 `backbone`) is symbolically traced, observed while the whole model runs on the calibration inputs (each
-item is called as `model(item)`), and converted: convolutions (with their folded BatchNorm and ReLU) and the
+item is run as `model(item)`, or as `forward(model, item)`), and converted: convolutions (with their folded BatchNorm and ReLU) and the
 attention's 1x1 convolutions run in int8 with per-channel weight scales (every BatchNorm kind, frozen or
 synchronised, is folded first); what the x86 mapping does not
 quantize (the radix softmax, split sums) runs in fp32 between quantize / dequantize steps. The trunk's
@@ -19,7 +19,7 @@ statistics; a detectron2 Faster R-CNN's FPN levels and detections), speed by too
 Not for training, TorchScript or ONNX export of the quantized graph.
 """
 import copy
-from typing import Iterable, List, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -82,11 +82,14 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def quantize_int8(model: nn.Module, calibration: Iterable, backend: str = "x86", inplace: bool = False) -> nn.Module:
+def quantize_int8(model: nn.Module, calibration: Iterable, backend: str = "x86", inplace: bool = False,
+                  forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> nn.Module:
     """`model` with every ResNeSt trunk in post-training static int8 (see the module docstring), calibrated
-    by calling the model on each item of `calibration` (at least one; use a few real, normalised inputs of
-    the deployment size: the activation ranges come from them). A model that is itself a trunk comes back as
-    its quantized torch.fx GraphModule (same outputs: a dict of fp32 feature maps)."""
+    by running the model on each item of `calibration` (at least one; use a few real inputs of the deployment
+    size: the activation ranges come from them): `forward(model, item)`, by default `model(item)` (a trunk:
+    image tensors; detectron2: lists of input dicts). mmdet / mmseg: `forward=lambda m, data: m.test_step(data)`
+    with batches as their data loaders give them. A model that is itself a trunk comes back as its quantized
+    torch.fx GraphModule (same outputs: a dict of fp32 feature maps)."""
     trunks = resnest_trunks(model)
     if not trunks:
         raise ValueError(f"quantize_int8: no ResNeSt trunk in {type(model).__name__}")
@@ -96,10 +99,11 @@ def quantize_int8(model: nn.Module, calibration: Iterable, backend: str = "x86",
     inputs = list(calibration)
     if not inputs:
         raise ValueError("quantize_int8: calibration is empty; give at least one input for model(input)")
+    run = forward or (lambda m, item: m(item))
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     trunks = resnest_trunks(model)
-    if trunks[0][0] == "":  # the model is a trunk: its input is the calibration item itself
+    if trunks[0][0] == "" and forward is None:  # the model is a trunk called on the item itself
         examples = {"": (inputs[0],)}
     else:  # the trunks' inputs as the model produces them: recorded on the first calibration call
         examples = {}
@@ -107,7 +111,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable, backend: str = "x86",
                    for name, module in trunks]
         try:
             with torch.no_grad():
-                model(inputs[0])
+                run(model, inputs[0])
         finally:
             for h in handles:
                 h.remove()
@@ -124,7 +128,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable, backend: str = "x86",
             _set(model, name, prepared[name])
     with torch.no_grad():
         for item in inputs:
-            model(item)
+            run(model, item)
     for name, module in prepared.items():
         converted = convert(module)
         if name == "":

@@ -45,7 +45,8 @@ from .resume import ExactResumeMixin, build_resumable_train_loader
 from .hooks import ResNeStPreciseBN, build_dropblock_hook
 from .model_zoo import get_config_file
 
-__all__ = ["AMP_PRECISIONS", "AutocastTrainer", "CpuDistributedDataParallel", "Trainer", "adapt_cfg_to_device",
+__all__ = ["AMP_PRECISIONS", "AutocastTrainer", "CpuDistributedDataParallel", "DEPLOY_CHOICES", "Trainer",
+           "adapt_cfg_to_device", "deploy_for_eval",
            "build_sem_seg_train_aug", "build_trainer", "ddp_model", "default_argument_parser", "get_resnest_cfg",
            "has_fast_coco_eval", "launch", "resnest_default_setup", "setup_cfg"]
 
@@ -334,7 +335,48 @@ def default_argument_parser(epilog=None):
     parser.add_argument("--config", dest="config_file", metavar="FILE_OR_NAME",
                         help="same as --config-file: a path, or a project config's name "
                              "(e.g. faster_rcnn_resnest50_fpn.yaml)")
+    parser.add_argument("--deploy", choices=DEPLOY_CHOICES, default=None,
+                        help="with --eval-only: evaluate the inference form of the model: fp32 = BN folded + "
+                             "channels_last (core.fuse.deploy), bf16 = that under bf16 autocast, int8 = the "
+                             "ResNeSt trunk in post-training static int8 (core.quant.quantize_int8, CPU), "
+                             "calibrated on --calibration-images images of the first training set")
+    parser.add_argument("--calibration-images", type=int, default=16, metavar="N",
+                        help="int8: how many training images (test-time resizing) calibrate it (default 16)")
     return parser
+
+
+DEPLOY_CHOICES = ("fp32", "bf16", "int8")
+
+
+def deploy_for_eval(cfg, model: nn.Module, how: str, calibration_images: int = 16) -> nn.Module:
+    """The model in the inference form `how` (DEPLOY_CHOICES; see default_argument_parser's --deploy), for
+    evaluation with Trainer.test. int8 calibrates on the first `calibration_images` images of
+    cfg.DATASETS.TRAIN[0], loaded as the test loader loads images (no augmentation, test-size resizing)."""
+    from ..core.fuse import deploy
+
+    if how == "fp32":
+        return deploy(model, channels_last=True)
+    if how == "bf16":
+        return deploy(model, channels_last=True, dtype=torch.bfloat16)
+    if how != "int8":
+        raise ValueError(f"--deploy {how!r}: choose one of {DEPLOY_CHOICES}")
+    from detectron2.data import build_detection_test_loader
+
+    from ..core.quant import quantize_int8
+
+    if calibration_images < 1:
+        raise ValueError(f"--calibration-images {calibration_images}: int8 needs at least one image")
+    if not cfg.DATASETS.TRAIN:
+        raise ValueError("--deploy int8 calibrates on DATASETS.TRAIN[0], and DATASETS.TRAIN is empty")
+    loader = build_detection_test_loader(cfg, cfg.DATASETS.TRAIN[0])
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == calibration_images:
+            break
+    logging.getLogger("detectron2.resnest_backbone").info(  # detectron2's console and log.txt
+        "int8: calibrating on %d image(s) of %s", len(batches), cfg.DATASETS.TRAIN[0])
+    return quantize_int8(model, batches)
 
 
 # ---------------------------------------------------------------------------------------------------- launch

@@ -55,7 +55,7 @@ import_check() {
   case "$1" in
     d2) "$PY" -c "import torch, torchvision, fvcore, pycocotools, panopticapi.evaluation, detectron2.engine, resnest_backbone.d2" ;;
     mm) "$PY" -c "import mmcv.ops, mmengine, mmdet, mmseg" ;;
-    lane) "$LANE/bin/python" -c "import detectron2.engine, numpy, resnest_backbone.d2
+    lane) "$LANE/bin/python" -c "import detectron2.engine, numpy, onnx, onnxruntime, resnest_backbone.d2
 assert detectron2.__version__ == '${SAL[1]}' and numpy.__version__ < '2', (detectron2.__version__, numpy.__version__)" ;;
   esac
 }
@@ -191,8 +191,10 @@ if wants lane; then
   rm -rf "$work"
   keep_tools "$whl" "$LANE/detectron2-tools"
   # sal-detectron2 declares numpy<2 (its SemSegEvaluator calls np.array(..., copy=False)). --target installs
-  # into the lane only; pip run by the lane's python would uninstall .venv's numpy 2.
-  "${PIP[@]}" install -q --no-deps --target "$site" "numpy<2"
+  # into the lane only; pip run by the lane's python would uninstall .venv's numpy 2. ml_dtypes (onnx needs
+  # >=0.5.4) from 0.7.0 is built for numpy 2 only ("compiled against NumPy C-API version 0x12"): the lane gets
+  # one that imports with numpy 1 (0.6.0 measured), so `import onnx` works there (import_check).
+  "${PIP[@]}" install -q --no-deps --target "$site" "numpy<2" "ml_dtypes>=0.5.4,<0.7"
   import_check lane
   stamp_inputs lane | sha256sum > "$(stamp_file lane)"
 fi

@@ -3,7 +3,8 @@ menu of treatments, and of Faster R-CNN ResNeSt-FPN vs R-50-FPN. Separate pieces
 
     candidates.py   workloads and implementations (each built on demand)
     treatments.py   the treatment menu (eager, channels_last, jit, compile, bf16 autocast, int8) + ours' own
-    measure.py      measuring primitives: interleaved timing, peak memory, GMACs, machine peak (matmul, conv), environment
+    measure.py      measuring primitives: interleaved timing, peak memory, GMACs, machine peak (matmul, conv),
+                    environment
     run.py          what is measured: one JSON-able result dict
     render.py       markdown + png and the goals, from that dict alone
 

@@ -27,9 +27,9 @@ from torch import nn
 
 logger = logging.getLogger("resnest.benchmark")
 
-__all__ = ["CONV_SHAPES", "MATMUL_DTYPES", "PeakTensorMemory", "count_gmacs", "cpu_flags", "environment", "eval_step",
-           "conv_rate", "interleaved", "load_average", "matmul_peak", "matmul_rate", "measure_peak", "median", "train_step",
-           "try_call"]
+__all__ = ["CONV_SHAPES", "MATMUL_DTYPES", "PeakTensorMemory", "conv_rate", "count_gmacs", "cpu_flags",
+           "environment", "eval_step", "interleaved", "load_average", "matmul_peak", "matmul_rate", "measure_peak",
+           "median", "train_step", "try_call"]
 
 
 class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):

@@ -207,8 +207,8 @@ def run_benchmark(*, variant: str, eval_loads: Sequence[Workload], train_loads: 
                   detector_load: Optional[Workload], grad_checkpoint_variants: Sequence[str] = (),
                   grad_checkpoint_load: Optional[Workload] = None, backbone: bool = True, compile_: bool = False,
                   warmup: int = 1, repeats: int = 7, repeats_large: int = 3, memory: bool = True,
-                  peak_sizes: Sequence[int] = (1024, 2048, 4096), peak_convs: Optional[dict] = None, device="cpu", args: Optional[dict] = None,
-                  argv: Optional[Sequence[str]] = None) -> dict:
+                  peak_sizes: Sequence[int] = (1024, 2048, 4096), peak_convs: Optional[dict] = None, device="cpu",
+                  args: Optional[dict] = None, argv: Optional[Sequence[str]] = None) -> dict:
     """The whole run, in the current torch threads: machine peak, backbones, detectors (when detectron2 is
     installed and detector_load is given), gradient checkpointing (when variants are given)."""
     start = time.perf_counter()

@@ -7,10 +7,10 @@ mode with the x86 backend (fbgemm / oneDNN int8 kernels; VNNI where the CPU has 
 
 Every ResNeSt trunk in the model (the model itself, detectron2's `backbone.bottom_up`, mmdet/mmseg's
 `backbone`) is symbolically traced, observed while the whole model runs on the calibration inputs (each
-item is run as `model(item)`, or as `forward(model, item)`), and converted: convolutions (with their folded BatchNorm and ReLU) and the
-attention's 1x1 convolutions run in int8 with per-channel weight scales (every BatchNorm kind, frozen or
-synchronised, is folded first); what the x86 mapping does not
-quantize (the radix softmax, split sums) runs in fp32 between quantize / dequantize steps. The trunk's
+item is run as `model(item)`, or as `forward(model, item)`), and converted: convolutions (with their folded
+BatchNorm and ReLU) and the attention's 1x1 convolutions run in int8 with per-channel weight scales (every
+BatchNorm kind, frozen or synchronised, is folded first); what the x86 mapping does not quantize (the radix
+softmax, split sums) runs in fp32 between quantize / dequantize steps. The trunk's
 outputs are fp32 again (dequantized), so necks and heads are untouched and stay fp32. The caller's model is
 not modified (a copy is quantized) unless inplace=True.
 

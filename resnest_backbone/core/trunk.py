@@ -179,7 +179,6 @@ def _undo_buffer_updates(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-
 def check_image_batch(x: torch.Tensor) -> None:
     """ValueError unless `x` is an (N, 3, H, W) batch. A leaf for torch.fx (wrapped below): symbolic tracing
     (e.g. int8 FX quantization) records the call instead of branching on a traced shape."""

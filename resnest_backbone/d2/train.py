@@ -46,9 +46,8 @@ from .hooks import ResNeStPreciseBN, build_dropblock_hook
 from .model_zoo import get_config_file
 
 __all__ = ["AMP_PRECISIONS", "AutocastTrainer", "CpuDistributedDataParallel", "DEPLOY_CHOICES", "Trainer",
-           "adapt_cfg_to_device", "deploy_for_eval",
-           "build_sem_seg_train_aug", "build_trainer", "ddp_model", "default_argument_parser", "get_resnest_cfg",
-           "has_fast_coco_eval", "launch", "resnest_default_setup", "setup_cfg"]
+           "adapt_cfg_to_device", "build_sem_seg_train_aug", "build_trainer", "ddp_model", "default_argument_parser",
+           "deploy_for_eval", "get_resnest_cfg", "has_fast_coco_eval", "launch", "resnest_default_setup", "setup_cfg"]
 
 # Norm options detectron2 maps to torch's nn.SyncBatchNorm, which refuses CPU tensors in a process group.
 _HEAD_NORM_KEYS = ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM", "MODEL.SEM_SEG_HEAD.NORM",
@@ -351,7 +350,8 @@ DEPLOY_CHOICES = ("fp32", "bf16", "int8")
 def deploy_for_eval(cfg, model: nn.Module, how: str, calibration_images: int = 16) -> nn.Module:
     """The model in the inference form `how` (DEPLOY_CHOICES; see default_argument_parser's --deploy), for
     evaluation with Trainer.test. int8 calibrates on the first `calibration_images` images of
-    cfg.DATASETS.TRAIN[0], loaded as the test loader loads images (no augmentation, test-size resizing)."""
+    cfg.DATASETS.TRAIN[0], mapped as the test loader maps images (DatasetMapper(cfg, is_train=False): no
+    augmentation, test-size resizing); the same images in every process, so all ranks get one int8 model."""
     from ..core.fuse import deploy
 
     if how == "fp32":
@@ -360,7 +360,7 @@ def deploy_for_eval(cfg, model: nn.Module, how: str, calibration_images: int = 1
         return deploy(model, channels_last=True, dtype=torch.bfloat16)
     if how != "int8":
         raise ValueError(f"--deploy {how!r}: choose one of {DEPLOY_CHOICES}")
-    from detectron2.data import build_detection_test_loader
+    from detectron2.data import DatasetCatalog, build_detection_test_loader
 
     from ..core.quant import quantize_int8
 
@@ -368,12 +368,10 @@ def deploy_for_eval(cfg, model: nn.Module, how: str, calibration_images: int = 1
         raise ValueError(f"--calibration-images {calibration_images}: int8 needs at least one image")
     if not cfg.DATASETS.TRAIN:
         raise ValueError("--deploy int8 calibrates on DATASETS.TRAIN[0], and DATASETS.TRAIN is empty")
-    loader = build_detection_test_loader(cfg, cfg.DATASETS.TRAIN[0])
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == calibration_images:
-            break
+    dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:calibration_images]
+    # an explicit sampler: the default (InferenceSampler) would give each process its own shard
+    batches = list(build_detection_test_loader(dicts, mapper=DatasetMapper(cfg, is_train=False),
+                                               sampler=list(range(len(dicts)))))
     logging.getLogger("detectron2.resnest_backbone").info(  # detectron2's console and log.txt
         "int8: calibrating on %d image(s) of %s", len(batches), cfg.DATASETS.TRAIN[0])
     return quantize_int8(model, batches)

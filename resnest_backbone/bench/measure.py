@@ -158,28 +158,6 @@ def try_call(fn: Callable[[], object]) -> Tuple[object, Optional[str]]:
         return None, _describe(exc)
 
 
-def matmul_rate(dtype: torch.dtype, n: int, repeats: int = 3, device="cpu") -> float:
-    """GFLOP/s (2 n^3 per product) of an n x n @ n x n matmul in `dtype` on the current threads: the best of
-    `repeats` timed products after one untimed. int8: torch._int_mm (int32 accumulation)."""
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
-    if dtype == torch.int8:
-        a, b = (torch.randint(-64, 64, (n, n), generator=gen, dtype=torch.int8).to(device) for _ in range(2))
-        op = torch._int_mm
-    else:
-        a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
-        op = torch.mm
-    op(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        op(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
-
-
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 # name: (in channels, out channels, kernel, height = width), batch 1, stride 1, "same" padding: the dense
 # convolutions of a ResNet-style trunk at detection size, big enough that the kernel, not overhead, is timed

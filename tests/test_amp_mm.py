@@ -89,25 +89,33 @@ def test_faster_rcnn_amp_bf16_runner(tmp_path):
     assert any(n.startswith("backbone.layer4") for n in changed) and any(n.startswith("roi_head") for n in changed)
 
 
+def demo_faster_rcnn(seed: int = 0) -> nn.Module:
+    """The mmdet demo Faster R-CNN ResNeSt-14d FPN (configs/mmdet), random weights with test_fuse's
+    well-conditioned random norms, in eval mode."""
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+
+    from test_fuse import randomize_norms
+
+    torch.manual_seed(seed)
+    cfg = Config.fromfile(os.path.join(ROOT, "configs", "mmdet", "faster-rcnn_resnest14d_fpn_demo.py"))
+    init_default_scope(cfg.get("default_scope"))
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    return randomize_norms(model).eval()
+
+
 def test_mmdet_detector_bf16_inference():
     """The mmdet route of the bf16 inference path: deploy(mmdet Faster R-CNN ResNeSt-14d FPN, dtype=bf16)
     (random weights, test_fuse's well-conditioned random norms) against float32 on two 128-px images:
     backbone + FPN features per level within BF16_REL (relative) of fp32's; `predict` gives float32 boxes and
     scores (the RoI extractor, RPN and box predictors run in fp32), in the image, finite."""
-    from mmengine.registry import init_default_scope
-    from mmdet.registry import MODELS
     from mmdet.structures import DetDataSample
 
     from resnest_backbone.core.fuse import deploy
     from test_bf16 import BF16_MIN, BF16_REL, rel_err
-    from test_fuse import randomize_norms
 
-    torch.manual_seed(0)
-    cfg = Config.fromfile(os.path.join(ROOT, "configs", "mmdet", "faster-rcnn_resnest14d_fpn_demo.py"))
-    init_default_scope(cfg.get("default_scope"))
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    model = randomize_norms(model).eval()
+    model = demo_faster_rcnn()
     fp32, bf16 = deploy(model), deploy(model, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(2)
     samples = [DetDataSample(metainfo=dict(img_shape=(128, 128), ori_shape=(128, 128), scale_factor=(1.0, 1.0),

@@ -445,13 +445,7 @@ def test_mm_hook_in_a_runner_with_resume(tmp_path):
         runner.train()
         return runner.model.seen
 
-    from mmengine.registry import DefaultScope
-
-    scopes = DefaultScope._instance_dict.copy()  # a Runner makes its default scope the current one
-    try:
-        assert run(4) == pytest.approx([0.025, 0.05, 0.075, 0.1])
-        resumed = run(8, resume=True, load_from=str(tmp_path / "iter_4.pth"))
-        assert resumed == pytest.approx([0.1 * k / 8 for k in (5, 6, 7, 8)])
-    finally:  # leave the scope as it was for later tests (mmdet registries resolve through it)
-        DefaultScope._instance_dict.clear()
-        DefaultScope._instance_dict.update(scopes)
+    # (a Runner makes its default scope the current one; conftest's autouse fixture restores it afterwards)
+    assert run(4) == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    resumed = run(8, resume=True, load_from=str(tmp_path / "iter_4.pth"))
+    assert resumed == pytest.approx([0.1 * k / 8 for k in (5, 6, 7, 8)])

@@ -121,20 +121,11 @@ def test_mmdet_faster_rcnn_int8_backbone():
     stem 3 + 4 blocks x 5 + 4 downsample = 27), the features after the neck stay within INT8_REL of fp32's,
     `predict` gives fp32 boxes and scores in the image."""
     pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs it)")
-    import os
-
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmdet.registry import MODELS
     from mmdet.structures import DetDataSample
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    torch.manual_seed(0)
-    cfg = Config.fromfile(os.path.join(root, "configs", "mmdet", "faster-rcnn_resnest14d_fpn_demo.py"))
-    init_default_scope(cfg.get("default_scope"))
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    model = randomize_norms(model).eval()
+    from test_amp_mm import demo_faster_rcnn  # imported here: it skips its module without mmdet
+
+    model = demo_faster_rcnn()
     g = torch.Generator().manual_seed(2)
 
     def batch():

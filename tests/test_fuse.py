@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from resnest_backbone.core import VARIANTS, FrozenBatchNorm2d, ResNeSt, build_resnest
+from resnest_backbone.core import fuse as fuse_module
 from resnest_backbone.core.fuse import (FusedBottleneck, FusedSplitAttention, fold_conv_norm, fuse_model,
                                         fuse_resnest, fused_split_sum)
 from resnest_backbone.core.split_attention import SplitAttentionConv2d, weighted_split_sum
@@ -220,3 +221,131 @@ def test_fuse_model_on_faster_rcnn():
     assert len(ref) == len(out) > 0
     torch.testing.assert_close(out.pred_boxes.tensor, ref.pred_boxes.tensor, atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(out.scores, ref.scores, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------ oneDNN fused convolutions (CPU)
+needs_onednn = pytest.mark.skipif(fuse_module._ONEDNN is None, reason="this torch has no oneDNN")
+
+
+def count_onednn_calls(monkeypatch) -> dict:
+    """Wrap the fast path's oneDNN ops so that each call is counted (and still computed)."""
+    calls = {"conv+relu": 0, "conv+add+relu": 0, "conv+add+relu in place": 0}
+
+    def counting(op, name):
+        def call(*args):
+            calls[name] += 1
+            return op(*args)
+        return call
+
+    monkeypatch.setattr(fuse_module, "_ONEDNN", tuple(counting(op, name) for op, name in
+                                                     zip(fuse_module._ONEDNN, calls)))
+    return calls
+
+
+def plain_ops(fused: nn.Module, x: torch.Tensor) -> dict:
+    """The fused model's output through the plain PyTorch ops (use_onednn off)."""
+    fuse_module.use_onednn = False
+    try:
+        return fused(x.clone())
+    finally:
+        fuse_module.use_onednn = True
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    assert list(a) == list(b)
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in a)
+
+
+@needs_onednn
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(radix=4, cardinality=2, bottleneck_width=40, avd_first=True),
+    dict(radix=1, cardinality=4, bottleneck_width=24),
+    dict(radix=0),
+    dict(deep_stem=False),
+    dict(output_stride=8),
+    dict(out_features=("stem", "res2", "res3", "res4", "res5")),  # every stage output is returned
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_onednn_path_equals_the_plain_ops(overrides, channels_last, monkeypatch):
+    """Every fused block runs conv1 + ReLU, conv2 + ReLU and conv3 + add + ReLU as oneDNN calls (the stem's
+    conv + ReLU pairs too), the residual sum written in place into a tensor of the block's own (never the
+    trunk's input or a returned feature), and the result equals the same model through the plain ops."""
+    torch.manual_seed(0)
+    fused = fuse_resnest(randomize_norms(build_resnest("resnest14d", **overrides)), channels_last=channels_last)
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(3))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_before = x.clone()
+    with torch.no_grad():
+        ref = plain_ops(fused, x)
+        calls = count_onednn_calls(monkeypatch)
+        out = fused(x)
+        again = {k: v.clone() for k, v in out.items()}
+        out2 = fused(x)
+    blocks = [b for stage in (fused.layer1, fused.layer2, fused.layer3, fused.layer4) for b in stage]
+    stem_convs = 3 if overrides.get("deep_stem", True) else 1
+    assert calls["conv+relu"] == 2 * (stem_convs + 2 * len(blocks))  # two forwards
+    assert calls["conv+add+relu in place"] == 2 * len(blocks) and calls["conv+add+relu"] == 0
+    assert torch.equal(x, x_before)  # the input is never written
+    assert rel_diff(out, ref) < 1e-5
+    assert all(torch.equal(out2[k], again[k]) for k in out)  # deterministic, nothing left overwritten
+    assert all(v.is_contiguous(memory_format=torch.channels_last) == channels_last for v in out.values())
+
+
+@needs_onednn
+def test_onednn_block_overwrites_only_a_stage_internal_input():
+    """The identity-shortcut block writes its sum into its input only when fuse_resnest marked that input
+    stage-internal (not the first block of a stage); otherwise into a new tensor."""
+    torch.manual_seed(0)
+    fused = fuse_resnest(randomize_norms(build_resnest("resnest14d", layers=(1, 2, 1, 1))), channels_last=True)
+    assert [b.overwrite_input for b in fused.layer2] == [False, True]
+    block = fused.layer2[1]
+    assert block.downsample is None
+    x = torch.randn(1, block.out_channels, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fuse_module.use_onednn = False
+        try:
+            ref = block(x.clone())
+        finally:
+            fuse_module.use_onednn = True
+        kept = x.clone()
+        block.overwrite_input = False
+        out = block(x)
+        assert torch.equal(x, kept) and out.data_ptr() != x.data_ptr()
+        block.overwrite_input = True
+        out_in_place = block(x)
+        assert out_in_place.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_in_place, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_onednn_path_is_not_taken_where_it_must_not_be(monkeypatch):
+    """Autograd, autocast, tracing, scripting, GroupNorm (not folded) and deformable blocks use the plain ops:
+    a trace, a TorchScript or an ONNX graph holds no oneDNN-only op, gradients flow, bf16 stays bf16."""
+    torch.manual_seed(0)
+    fused = fuse_resnest(randomize_norms(build_resnest("resnest14d")), channels_last=True)
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    calls = count_onednn_calls(monkeypatch)
+    # autograd: an input that needs a gradient gets one
+    xg = x.clone().requires_grad_(True)
+    sum(v.sum() for v in fused(xg).values()).backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fused(x)["res5"].dtype == torch.bfloat16
+        traced = torch.jit.trace(fused, x, strict=False, check_trace=False)
+    scripted = torch.jit.script(fused)
+    assert calls == {"conv+relu": 0, "conv+add+relu": 0, "conv+add+relu in place": 0}
+    for graph in (traced.inlined_graph, scripted.inlined_graph):
+        assert "mkldnn::" not in str(graph)
+    with torch.no_grad():
+        ref = plain_ops(fused, x)
+        assert rel_diff(traced(x), ref) < 1e-5 and rel_diff(scripted(x), ref) < 1e-5
+        gn = fuse_resnest(randomize_norms(build_resnest("resnest14d", norm="GN")))
+        gn(x)
+        assert calls["conv+relu"] == 0 and calls["conv+add+relu in place"] == 0  # GroupNorm kept: plain
+        dcn = fuse_resnest(randomize_norms(build_resnest("resnest14d", deform_on_per_stage=(False, True, True, True))))
+        dcn(x)
+    assert calls["conv+add+relu in place"] == len(dcn.layer1)  # only res2: res3-res5 are deformable

@@ -17,7 +17,15 @@ What changes (the outputs do not, up to float rounding; tests/test_fuse.py check
   - channels_last is supported end to end (views only, no `.contiguous()`), which is what oneDNN / cuDNN
     convolutions prefer;
   - deformable blocks (core/deform.py) keep their offset conv; bn0 / bn2 fold into the deformable conv's
-    weight and bias exactly as into a plain conv (it is linear in its weight).
+    weight and bias exactly as into a plain conv (it is linear in its weight);
+  - on CPU in float32 without autograd (eager inference), each block runs as three of PyTorch's oneDNN
+    fused-convolution calls (the ops torch.compile's inductor emits on CPU): conv1 + ReLU, the split conv +
+    ReLU, and conv3 + residual add + ReLU, the sum written in place into the downsample's output or, for
+    the blocks after the first of a stage, into the block's input (the previous block's output, which
+    nothing else reads: a forward hook that keeps a block's output sees it overwritten); the stem's
+    conv + ReLU pairs likewise. Tracing, scripting, ONNX export, torch.compile, autocast and autograd see the
+    plain ops (onednn_applies). Equal to the plain ops up to float rounding (tests/test_fuse.py: 1e-5
+    relative). `fuse.use_onednn = False` turns it off.
 The converted modules are inference only: folded statistics can no longer update (train() changes nothing).
 The result stays a ResNeSt (same class, same `forward`, `output_shape()` for detectron2), and scripts,
 traces and exports to ONNX like the original.
@@ -35,9 +43,9 @@ from .deform import DeformConv2d
 from .split_attention import SplitAttentionConv2d, rsoftmax, split_sum
 from .trunk import STAGE_MODULES, Bottleneck, ResNeSt
 
-__all__ = ["AUTOCAST_DTYPES", "FP32_HEADS", "FusedBottleneck", "FusedSplitAttention", "autocast_forward",
-           "autocast_inference", "deploy", "fold_conv_norm", "fp32_heads", "fuse_model", "fuse_resnest",
-           "fused_split_sum", "keep_fp32_heads", "norm_scale_shift"]
+__all__ = ["AUTOCAST_DTYPES", "FP32_HEADS", "FusedBottleneck", "FusedConvReLU", "FusedSplitAttention",
+           "autocast_forward", "autocast_inference", "deploy", "fold_conv_norm", "fp32_heads", "fuse_model",
+           "fuse_resnest", "fused_split_sum", "keep_fp32_heads", "norm_scale_shift", "onednn_applies"]
 
 
 # ---------------------------------------------------------------------------------------------- folding
@@ -89,6 +97,82 @@ def fold_conv_norm(conv: nn.Conv2d, norm: Optional[nn.Module]) -> Tuple[nn.Conv2
     return fused, nn.Identity()
 
 
+# ------------------------------------------------------------------ oneDNN fused convolutions (CPU fp32)
+def _onednn_ops():
+    """PyTorch's own oneDNN fused-convolution ops (the ones torch.compile's inductor emits on CPU):
+    conv + ReLU, and conv + add + ReLU written in place into the added tensor; None where this build of
+    torch has no oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return (torch.ops.mkldnn._convolution_pointwise.default,
+                torch.ops.mkldnn._convolution_pointwise.binary,
+                torch.ops.mkldnn._convolution_pointwise_.binary)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN = _onednn_ops()
+# The fast path's eager CPU float32 calls use _ONEDNN when this is True (set it to False to compare, or to
+# rule oneDNN's fused ops out when chasing a problem). Nothing else changes: the modules and weights are the same.
+use_onednn = True
+
+
+@torch.jit.unused
+def onednn_applies(x: torch.Tensor) -> bool:
+    """Whether a fused block may run this call with oneDNN's fused ops: a plain float32 CPU tensor, no
+    autograd, no autocast, and nothing tracing, compiling or exporting the model (those see the plain
+    ops, so traces, ONNX files, torch.compile and autocast work as before)."""
+    return (use_onednn and _ONEDNN is not None and type(x) is torch.Tensor and x.device.type == "cpu"
+            and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and not torch.onnx.is_in_onnx_export())
+
+
+def onednn_conv(conv: nn.Module) -> bool:
+    """Whether `conv` can be one of those ops: a plain zero-padded float32 nn.Conv2d (or FusedConvReLU)
+    with numeric padding and no trainable weights."""
+    return (isinstance(conv, nn.Conv2d) and type(conv) in (nn.Conv2d, FusedConvReLU)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and conv.weight.dtype == torch.float32 and not conv.weight.requires_grad
+            and (conv.bias is None or not conv.bias.requires_grad))
+
+
+def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(conv(x)) in one oneDNN call (ReLU as the convolution's post-op)."""
+    return _ONEDNN[0](x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+                      "relu", [], "")
+
+
+def _conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """relu(conv(x) + other) in one oneDNN call; inplace=True writes it into `other`."""
+    if inplace:
+        return _ONEDNN[2](other, x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
+                          conv.groups, "add", None, "relu", [], None)
+    return _ONEDNN[1](x, other, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
+                      "add", None, "relu", [], None)
+
+
+class FusedConvReLU(nn.Conv2d):
+    """relu(conv(x)) for a (folded) conv followed by a ReLU, e.g. in the stem: one oneDNN call where
+    onednn_applies, else the two plain ops. An nn.Conv2d, so the state-dict keys stay those of the conv."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "FusedConvReLU":
+        out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        out.weight = conv.weight
+        out.bias = conv.bias
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if onednn_applies(x) and onednn_conv(self):
+                return _conv_relu(self, x)
+        return F.relu(self._conv_forward(x, self.weight, self.bias), inplace=True)
+
+
 # ------------------------------------------------------------------------------------ fused modules
 def fused_split_sum(x: torch.Tensor, attention: torch.Tensor, radix: int) -> torch.Tensor:
     """The splits of `x` weighted by `attention` and summed, in the fused form (radix 2: a fused
@@ -119,10 +203,11 @@ class FusedSplitAttention(nn.Module):
         if self.deformable:
             if offset is None:
                 raise ValueError("a deformable split-attention conv needs the offset conv's output")
-            x = self.conv(x, offset)
+            x = F.relu(self.norm0(self.conv(x, offset)), inplace=True)
+        elif not torch.jit.is_scripting() and self.conv_relu_fusable(x):
+            x = _conv_relu(self.conv, x)
         else:
-            x = self.conv(x)
-        x = F.relu(self.norm0(x), inplace=True)
+            x = F.relu(self.norm0(self.conv(x)), inplace=True)
         gap = x.mean((2, 3), keepdim=True)
         if self.radix > 1:
             gap = split_sum(gap, self.radix)
@@ -132,6 +217,11 @@ class FusedSplitAttention(nn.Module):
         if x.requires_grad:
             return x * torch.sigmoid(attention)
         return x.mul_(torch.sigmoid(attention))  # radix 1: a gate, in place on the conv output
+
+
+    @torch.jit.unused
+    def conv_relu_fusable(self, x: torch.Tensor) -> bool:
+        return isinstance(self.norm0, nn.Identity) and onednn_applies(x) and onednn_conv(self.conv)
 
 
 def _radix_major_fc2(fc2: nn.Conv2d, cardinality: int, radix: int) -> nn.Conv2d:
@@ -174,8 +264,12 @@ class FusedBottleneck(nn.Module):
             self.norm2 = norm2
         self.conv3, self.norm3 = fold_conv_norm(block.conv3, block.bn3)
         self.downsample = _fuse_downsample(block.downsample) if block.downsample is not None else None
+        self.overwrite_input = False  # fuse_resnest: True where the input is a stage-internal tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.onednn_fusable(x):
+                return self.forward_onednn(x)
         out = F.relu(self.norm1(self.conv1(x)), inplace=True)
         if self.pool_before is not None:
             out = self.pool_before(out)
@@ -190,6 +284,34 @@ class FusedBottleneck(nn.Module):
         out = self.norm3(self.conv3(out))
         shortcut = self.downsample(x) if self.downsample is not None else x
         return F.relu(out.add_(shortcut), inplace=True)
+
+    @torch.jit.unused
+    def onednn_fusable(self, x: torch.Tensor) -> bool:
+        return (self.conv2_offset is None and isinstance(self.norm1, nn.Identity)
+                and isinstance(self.norm3, nn.Identity) and (self.norm2 is None or isinstance(self.norm2, nn.Identity))
+                and onednn_applies(x) and onednn_conv(self.conv1) and onednn_conv(self.conv3)
+                and (self.norm2 is not None or onednn_conv(self.conv2.conv)))
+
+    @torch.jit.unused
+    def forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() with conv1 + ReLU, conv2 + ReLU and conv3 + residual add + ReLU each one oneDNN call.
+        The sum is written into the shortcut when that is a tensor of this block's own (the downsample's
+        output) or, with `overwrite_input` (set by fuse_resnest for the blocks after the first of a stage,
+        whose input is the previous block's output and used nowhere else), into the input itself."""
+        out = _conv_relu(self.conv1, x)
+        if self.pool_before is not None:
+            out = self.pool_before(out)
+        out = _conv_relu(self.conv2, out) if self.norm2 is not None else self.conv2(out)
+        if self.pool_after is not None:
+            out = self.pool_after(out)
+        if self.downsample is not None:
+            shortcut = self.downsample(x)
+            inplace = shortcut.data_ptr() != x.data_ptr()
+        else:
+            shortcut, inplace = x, self.overwrite_input
+        if not (shortcut.is_contiguous() or shortcut.is_contiguous(memory_format=torch.channels_last)):
+            shortcut, inplace = shortcut.contiguous(), True
+        return _conv_add_relu(self.conv3, out, shortcut, inplace)
 
 
 def _fold_sequence(layers) -> list:
@@ -213,18 +335,34 @@ def _fuse_downsample(seq: nn.Module) -> nn.Module:
     """[AvgPool,] Conv, Norm -> [AvgPool,] Conv' (norm folded; kept when it cannot be)."""
     if not isinstance(seq, nn.Sequential):
         return copy.deepcopy(seq)
-    return nn.Sequential(*_fold_sequence(seq))
+    return nn.Sequential(*[nn.Identity() if _identity_pool(m) else m for m in _fold_sequence(seq)])
+
+
+def _identity_pool(m: nn.Module) -> bool:
+    """An average pool that returns its input unchanged (kernel 1, stride 1, no padding: the avg_down
+    shortcut's pool of a stride-1 stage)."""
+    pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+    return (type(m) is nn.AvgPool2d and pair(m.kernel_size) == (1, 1) and pair(m.stride or m.kernel_size) == (1, 1)
+            and pair(m.padding) == (0, 0) and m.divisor_override is None)
 
 
 def _fuse_stem(model: ResNeSt) -> None:
-    """Fold the stem's norms: conv1 (a deep-stem Sequential or one 7x7 conv) and bn1."""
+    """Fold the stem's norms: conv1 (a deep-stem Sequential or one 7x7 conv) and bn1; each conv followed by
+    a ReLU becomes a FusedConvReLU (the stem's own ReLU then an nn.Identity)."""
     if isinstance(model.conv1, nn.Sequential):
         fused = _fold_sequence(model.conv1)
         if isinstance(fused[-1], nn.Conv2d) and norm_scale_shift(model.bn1) is not None:
             fused[-1], model.bn1 = fold_conv_norm(fused[-1], model.bn1)
+        for i in range(len(fused) - 1):  # conv, ReLU -> FusedConvReLU, Identity (same indices, same keys)
+            if type(fused[i]) is nn.Conv2d and type(fused[i + 1]) is nn.ReLU:
+                fused[i], fused[i + 1] = FusedConvReLU.from_conv(fused[i]), nn.Identity()
+        if type(fused[-1]) is nn.Conv2d and isinstance(model.bn1, nn.Identity) and type(model.relu) is nn.ReLU:
+            fused[-1], model.relu = FusedConvReLU.from_conv(fused[-1]), nn.Identity()
         model.conv1 = nn.Sequential(*fused)
     elif isinstance(model.conv1, nn.Conv2d):
         model.conv1, model.bn1 = fold_conv_norm(model.conv1, model.bn1)
+        if type(model.conv1) is nn.Conv2d and isinstance(model.bn1, nn.Identity) and type(model.relu) is nn.ReLU:
+            model.conv1, model.relu = FusedConvReLU.from_conv(model.conv1), nn.Identity()
 
 
 # ------------------------------------------------------------------------------------------- entry points
@@ -244,9 +382,15 @@ def fuse_resnest(model: ResNeSt, inplace: bool = False, channels_last: bool = Fa
     with torch.no_grad():
         _fuse_stem(model)
         for name in STAGE_MODULES:
-            stage = getattr(model, name)
-            setattr(model, name, nn.Sequential(*[FusedBottleneck(block) if isinstance(block, Bottleneck)
-                                                 else block for block in stage]))
+            stage = [FusedBottleneck(block) if isinstance(block, Bottleneck) else block
+                     for block in getattr(model, name)]
+            for prev, block in zip(stage, stage[1:]):
+                # Its input is the previous fused block's output, which nothing else reads: the residual
+                # sum may overwrite it (the oneDNN path). A stage's first block never overwrites its input
+                # (the previous stage's output, a feature the trunk returns).
+                if isinstance(block, FusedBottleneck) and isinstance(prev, FusedBottleneck):
+                    block.overwrite_input = True
+            setattr(model, name, nn.Sequential(*stage))
     for p in model.parameters():
         p.requires_grad_(False)
     model.is_fused = True
@@ -302,10 +446,12 @@ def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, 
     under autocast). A trunk's features come out in `dtype`. Error against fp32: tests/test_bf16.py (per
     stage), tests/test_amp_d2.py and tests/test_amp_mm.py (detectors).
 
-    compile=True uses inductor with `freezing` (weights become constants: oneDNN weight prepacking and
-    conv + ReLU / conv + add + ReLU fusion on CPU) unless `compile_kwargs` say otherwise. Measured by
-    tools/benchmark.py (docs/benchmark.md); on CPU it needs a C++ compiler, the first call for each input
-    shape takes minutes, and a new input shape recompiles (pass dynamic=True to avoid that, usually slower).
+    compile=True uses inductor with `freezing` (weights become constants) unless `compile_kwargs` say
+    otherwise; the compiled graph has the plain ops (onednn_applies is off while compiling), which inductor
+    turns into oneDNN convolutions and generated C++ kernels for the rest. Whether that beats the eager fast
+    path is measured by tools/benchmark.py --compile (docs/benchmark.md). On CPU it needs a C++ compiler, the
+    first call for each input shape compiles (40 s for ResNeSt-50 at 800x1216 on 2 threads, 2026-12-02), and
+    a new input shape recompiles (pass dynamic=True to avoid that, usually slower).
     With dtype, the compiled model is called under autocast (not tested here).
     """
     if dtype is not None and dtype != torch.float32 and dtype not in AUTOCAST_DTYPES:

@@ -46,6 +46,10 @@ def test_benchmark_smoke(tmp_path):
     assert saved["env"]["threads"] == 1
     bb = saved["backbone"]
     assert [i["role"] for i in bb["implementations"]] == ["ours", "official", "timm", "resnet"]
+    assert set(bb["conv_bound"]) == {"resnest", "resnet"} and all(
+        b["ms"] > 0 and 0.9 < b["gmacs"] / bb["gmacs"][bb["key_eval"]][arch] <= 1.0
+        for arch, b in bb["conv_bound"].items())  # fvcore counts the convolutions and a little more
+    assert "### The convolutions alone" in (tmp_path / "b.md").read_text()
     own = {i["role"]: i["own"] for i in bb["implementations"]}
     assert "fast path" in own["ours"] and not own["official"] and not own["timm"] and not own["resnet"]
     # the same menu for every implementation: each (implementation, treatment) has a time or a failure
@@ -194,6 +198,27 @@ def test_conv_rate_counts_two_flops_per_multiply_add(monkeypatch):
     clock = iter(range(100))
     monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock) * 1e-3)
     assert measure.conv_rate(torch.float32, 8, 4, 1, 2, repeats=2) == pytest.approx(256 / 1e-3 / 1e9)
+
+
+def test_conv_bound_times_each_convolution_of_a_forward(monkeypatch):
+    """Every nn.Conv2d call of the forward is found (a conv called twice counts twice), with its real input
+    shape; multiply-adds counted exactly; each call timed on its own (1 ms per call here)."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 1, groups=2), nn.AdaptiveAvgPool2d(1))
+            self.shared = nn.Conv2d(8, 8, 1, bias=False)
+
+        def forward(self, x):
+            return self.shared(self.shared(self.body(x)))
+
+    clock = iter(range(1000))
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock) * 1e-3)
+    b = measure.conv_bound(Twice(), torch.randn(2, 3, 10, 12), repeats=2)
+    macs = 2 * 5 * 6 * 8 * 3 * 9 + 2 * 5 * 6 * 8 * 4 + 2 * (2 * 8 * 8)
+    assert b["convs"] == 4 and b["gmacs"] == pytest.approx(macs / 1e9)
+    assert b["ms"] == pytest.approx(4.0)
 
 
 def test_parse_workloads():

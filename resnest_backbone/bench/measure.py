@@ -7,6 +7,7 @@
   measure_peak peak memory of the tensors allocated during a step (on CPU, counted by a dispatch-mode tracker
                over tensor storages; on CUDA, torch.cuda.max_memory_allocated), above what existed before it
   count_gmacs  multiply-adds of the architecture (fvcore; it reports a multiply-add as one "flop")
+  conv_bound   the time of a model's convolutions alone, each timed on its own: the ceiling of its throughput
   matmul_peak  the machine's limit: GFLOP/s per dtype on the current threads, the best of square matmuls and
                of large dense convolutions (oneDNN's convolution kernels can beat torch.mm: the limit is the
                faster of the two, never a figure that the models then exceed)
@@ -27,7 +28,7 @@ from torch import nn
 
 logger = logging.getLogger("resnest.benchmark")
 
-__all__ = ["CONV_SHAPES", "MATMUL_DTYPES", "PeakTensorMemory", "conv_rate", "count_gmacs", "cpu_flags",
+__all__ = ["CONV_SHAPES", "MATMUL_DTYPES", "PeakTensorMemory", "conv_bound", "conv_rate", "count_gmacs", "cpu_flags",
            "environment", "eval_step", "interleaved", "load_average", "matmul_peak", "matmul_rate", "measure_peak",
            "median", "train_step", "try_call"]
 
@@ -203,6 +204,38 @@ def conv_rate(dtype: torch.dtype, cin: int, cout: int, kernel: int, size: int, r
     with torch.no_grad():
         seconds = _best_time(lambda: torch.nn.functional.conv2d(x, w, padding=kernel // 2), repeats, device)
     return 2 * cin * cout * kernel * kernel * size * size / seconds / 1e9
+
+
+def conv_bound(model: nn.Module, x: torch.Tensor, repeats: int = 3, device="cpu") -> dict:
+    """The convolutions (nn.Conv2d) of one eval forward of `model` on `x`, each timed alone: F.conv2d on a
+    channels_last input and weight of the same shapes, the same threads, the best of `repeats` calls after
+    one untimed. {"ms": the sum of those times, "gmacs": their multiply-adds, "convs": how many}. A treatment
+    that keeps these convolutions (and runs each no faster than oneDNN does alone) cannot beat "ms": it is
+    the ceiling of a model's throughput, read against the machine peak."""
+    device = torch.device(device)
+    shapes: List[Tuple[nn.Conv2d, torch.Size]] = []
+    handles = [m.register_forward_pre_hook(lambda m, inp: shapes.append((m, inp[0].shape)))
+               for m in model.modules() if type(m) is nn.Conv2d]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    gen = torch.Generator().manual_seed(0)
+    seconds, macs = 0.0, 0
+    with torch.no_grad():
+        for conv, shape in shapes:
+            inp = torch.randn(shape, generator=gen).to(device=device, memory_format=torch.channels_last)
+            weight = conv.weight.detach().to(device=device, memory_format=torch.channels_last)
+            bias = None if conv.bias is None else conv.bias.detach().to(device)
+
+            def op(inp=inp, weight=weight, bias=bias, conv=conv):
+                return torch.nn.functional.conv2d(inp, weight, bias, conv.stride, conv.padding, conv.dilation,
+                                                  conv.groups)
+            seconds += _best_time(op, repeats, device)
+            macs += op().numel() * weight[0].numel()
+    return {"ms": seconds * 1e3, "gmacs": macs / 1e9, "convs": len(shapes)}
 
 
 def matmul_peak(sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 3, device="cpu",

@@ -177,6 +177,32 @@ def _columns(res: dict, mode: str) -> List[str]:
     return cols
 
 
+def _conv_bound_section(res: dict) -> List[str]:
+    """The convolutions alone (measure.conv_bound) at the key workload: the ceiling of each architecture's
+    fp32 throughput, next to its best measured fp32 time."""
+    bb = res["backbone"]
+    bound, key = bb.get("conv_bound"), bb.get("key_eval")
+    if not bound:
+        return []
+    gm, ev, peak = bb.get("gmacs", {}).get(key, {}), bb.get("eval", {}).get(key, {}), _peak(res, "fp32")
+    names = _names(res)
+    lines = [f"### The convolutions alone (eval {key}, fp32)", "",
+             "Each convolution of one forward timed on its own (F.conv2d, channels_last, the same threads, best of 3): "
+             "no treatment that keeps these convolutions runs the model faster than their sum, so that sum caps "
+             "the fraction of the peak a model can reach.", "",
+             "| architecture | convolutions | their GMAC | their time alone (ms) | ceiling: model GMAC at that time, "
+             "/ fp32 peak | best fp32 measured (ms) | convolutions' share of it |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for arch, role in (("resnest", "ours"), ("resnet", "resnet")):
+        b = bound.get(arch)
+        if not b:
+            continue
+        t, ms = best(res, ev.get(role, {}))
+        ceiling = _ratio(_gflops(gm.get(arch), b["ms"]), peak)
+        lines.append(f"| {names.get(role, arch)} | {b['convs']} | {b['gmacs']:.2f} | {b['ms']:.1f} | {_pct(ceiling)} "
+                     f"| {_fmt(ms)} ({t}) | {_pct(_ratio(b['ms'], ms))} |")
+    return lines + [""]
+
+
 def _peak_section(res: dict) -> List[str]:
     peak = res.get("peak", {})
     sizes: List[str] = []
@@ -349,6 +375,7 @@ def render_markdown(res: dict) -> str:
     for g in goals(res):
         lines.append(f"| {g['goal']} | {g['target']} | {g['measured']} | {_met(g)} | {g['how']} |")
     lines.append("")
+    lines += _conv_bound_section(res)
     lines += _peak_section(res)
     # ---- the menu
     lines += ["## Treatments", "", "Every implementation gets the same menu; a treatment that fails is recorded "

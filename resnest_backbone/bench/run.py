@@ -15,7 +15,8 @@ Result layout (run_benchmark):
   peak                          matmul and convolution GFLOP/s per dtype (measure.matmul_peak)
   treatments                    {name: {"dtype", "description"}} every treatment that appears
   backbone                      {"implementations": [{"role", "name", "arch", "own"}], "gmacs": {workload:
-                                {"resnest", "resnet"}}, "eval" / "train": {workload: {role: {treatment:
+                                {"resnest", "resnet"}}, "conv_bound": {"resnest", "resnet": measure.conv_bound
+                                at the key eval workload}, "eval" / "train": {workload: {role: {treatment:
                                 entry}}}, "key_eval", "key_train"}
   detector                      {"workload", "implementations", "eval": {role: {treatment: entry}}}
   grad_checkpoint               {"workload", "rows": [...]} (with --grad-checkpoint)
@@ -33,7 +34,7 @@ import torch
 from ..core import build_resnest
 from .candidates import (Implementation, Stages, Workload, backbone_implementations, detector_implementations,
                          torchvision_resnet)
-from .measure import (count_gmacs, environment, eval_step, interleaved, load_average, matmul_peak, measure_peak,
+from .measure import (conv_bound, count_gmacs, environment, eval_step, interleaved, load_average, matmul_peak, measure_peak,
                       median, train_step, try_call)
 from .treatments import DETECTOR_MENU, Treatment, menu
 
@@ -148,6 +149,10 @@ def run_backbones(variant: str, eval_loads: Sequence[Workload], train_loads: Seq
     ref = {"resnest": build_resnest(variant).eval(), "resnet": Stages(torchvision_resnet(variant)).eval()}
     for w in eval_loads:
         res["gmacs"][w.label] = {arch: count_gmacs(m, w.input()) for arch, m in ref.items()}
+    if eval_loads:  # the convolutions alone at the key workload: the ceiling of each architecture's throughput
+        x = eval_loads[-1].input().to(device)
+        res["conv_bound"] = {arch: conv_bound(m.to(device), x, device=device) for arch, m in ref.items()}
+        logger.info("convolutions alone: %s", res["conv_bound"])
     del ref
     for mode, loads in (("eval", eval_loads), ("train", train_loads)):
         for w in loads:

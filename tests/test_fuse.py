@@ -322,8 +322,8 @@ def test_onednn_block_overwrites_only_a_stage_internal_input():
 
 @needs_onednn
 def test_onednn_path_is_not_taken_where_it_must_not_be(monkeypatch):
-    """Autograd, autocast, tracing, scripting, GroupNorm (not folded) and deformable blocks use the plain ops:
-    a trace, a TorchScript or an ONNX graph holds no oneDNN-only op, gradients flow, bf16 stays bf16."""
+    """Autograd, fp16 autocast, tracing, scripting, GroupNorm (not folded) and deformable blocks use the plain
+    ops: a trace or a TorchScript graph holds no oneDNN-only op, gradients flow, fp16 stays fp16."""
     torch.manual_seed(0)
     fused = fuse_resnest(randomize_norms(build_resnest("resnest14d")), channels_last=True)
     x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -333,8 +333,8 @@ def test_onednn_path_is_not_taken_where_it_must_not_be(monkeypatch):
     sum(v.sum() for v in fused(xg).values()).backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     with torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert fused(x)["res5"].dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.float16):  # only bf16 autocast has a oneDNN form
+            assert fused(x)["res5"].dtype == torch.float16
         traced = torch.jit.trace(fused, x, strict=False, check_trace=False)
     scripted = torch.jit.script(fused)
     assert calls == {"conv+relu": 0, "conv+add+relu": 0, "conv+add+relu in place": 0}
@@ -349,3 +349,37 @@ def test_onednn_path_is_not_taken_where_it_must_not_be(monkeypatch):
         dcn = fuse_resnest(randomize_norms(build_resnest("resnest14d", deform_on_per_stage=(False, True, True, True))))
         dcn(x)
     assert calls["conv+add+relu in place"] == len(dcn.layer1)  # only res2: res3-res5 are deformable
+
+
+@needs_onednn
+@pytest.mark.skipif(not fuse_module._ONEDNN_BF16, reason="this CPU has no oneDNN bf16")
+def test_onednn_bf16_under_autocast(monkeypatch):
+    """deploy(dtype=torch.bfloat16): the blocks run the oneDNN ops in bf16 on bf16 copies of the weights (made
+    once, remade when a weight changes); the result is as close to fp32 as autocast's plain ops are."""
+    torch.manual_seed(0)
+    model = randomize_norms(build_resnest("resnest14d")).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)).contiguous(
+        memory_format=torch.channels_last)
+    fast = fuse_module.deploy(model, channels_last=True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref32 = model(x)
+        plain = plain_ops(fast, x)
+        calls = count_onednn_calls(monkeypatch)
+        out = fast(x)
+    blocks = sum(len(getattr(fast, f"layer{i}")) for i in (1, 2, 3, 4))
+    assert calls["conv+add+relu in place"] == blocks and calls["conv+relu"] == 3 + 2 * blocks
+    assert all(v.dtype == torch.bfloat16 for v in out.values())
+
+    def err(a):
+        return max(((a[k].float() - ref32[k]).norm() / ref32[k].norm()).item() for k in ref32)
+    assert 5e-4 < err(out) < 1e-2 and err(out) < 1.5 * err(plain)
+    conv = fast.layer1[0].conv1
+    first = conv.__dict__["_onednn_weights"][1]
+    assert first.dtype == torch.bfloat16 and "_onednn_weights" not in str(list(fast.state_dict()))
+    with torch.no_grad():
+        fast(x)
+        assert conv.__dict__["_onednn_weights"][1] is first  # kept between calls
+        conv.weight.mul_(0)  # a changed weight is seen: res2 then differs
+        changed = fast(x)
+    assert conv.__dict__["_onednn_weights"][1] is not first
+    assert not torch.equal(changed["res2"], out["res2"])

@@ -3,8 +3,10 @@
 ours, the official code (resnest==0.0.5), timm, and torchvision's ResNet of the same depth; plus Faster
 R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machine's peak (the best of matmuls and dense convolutions).
 
-    python tools/benchmark.py --threads 2        # full run: docs/benchmark.json, then .md and .png from it
-    python tools/benchmark.py --threads 2 --compile       # also torch.compile (slow: minutes per model)
+    python tools/benchmark.py --threads 2 --compile   # full run (the committed one): docs/benchmark.json,
+                                                      # then .md and .png from it (about 30 min on 2 threads)
+    python tools/benchmark.py --threads 2         # without the torch.compile treatments (compiling each model
+                                                  # and shape took 8-40 s here)
     python tools/benchmark.py --render                    # docs/benchmark.md + .png from docs/benchmark.json
     python tools/benchmark.py --render b.json --out b.md  # the report of another run, measuring nothing
     python tools/benchmark.py --smoke --out /tmp/b.md     # tiny sizes, one round: checks that it runs

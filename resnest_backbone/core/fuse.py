@@ -24,7 +24,7 @@ What changes (the outputs do not, up to float rounding; tests/test_fuse.py check
     the blocks after the first of a stage, into the block's input (the previous block's output, which
     nothing else reads: a forward hook that keeps a block's output sees it overwritten); the stem's
     conv + ReLU pairs likewise. Tracing, scripting, ONNX export, torch.compile, autocast and autograd see the
-    plain ops (onednn_applies). Equal to the plain ops up to float rounding (tests/test_fuse.py: 1e-5
+    plain ops (onednn_dtype). Equal to the plain ops up to float rounding (tests/test_fuse.py: 1e-5
     relative). `fuse.use_onednn = False` turns it off.
 The converted modules are inference only: folded statistics can no longer update (train() changes nothing).
 The result stays a ResNeSt (same class, same `forward`, `output_shape()` for detectron2), and scripts,
@@ -45,7 +45,7 @@ from .trunk import STAGE_MODULES, Bottleneck, ResNeSt
 
 __all__ = ["AUTOCAST_DTYPES", "FP32_HEADS", "FusedBottleneck", "FusedConvReLU", "FusedSplitAttention",
            "autocast_forward", "autocast_inference", "deploy", "fold_conv_norm", "fp32_heads", "fuse_model",
-           "fuse_resnest", "fused_split_sum", "keep_fp32_heads", "norm_scale_shift", "onednn_applies"]
+           "fuse_resnest", "fused_split_sum", "keep_fp32_heads", "norm_scale_shift", "onednn_dtype"]
 
 
 # ---------------------------------------------------------------------------------------------- folding
@@ -118,16 +118,34 @@ _ONEDNN = _onednn_ops()
 use_onednn = True
 
 
+def _bf16_supported() -> bool:
+    try:
+        return _ONEDNN is not None and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_BF16 = _bf16_supported()
+
+
 @torch.jit.unused
-def onednn_applies(x: torch.Tensor) -> bool:
-    """Whether a fused block may run this call with oneDNN's fused ops: a plain float32 CPU tensor, no
-    autograd, no autocast, and nothing tracing, compiling or exporting the model (those see the plain
-    ops, so traces, ONNX files, torch.compile and autocast work as before)."""
-    return (use_onednn and _ONEDNN is not None and type(x) is torch.Tensor and x.device.type == "cpu"
-            and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+def onednn_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype a fused block computes this call in with oneDNN's fused ops, or None where the plain ops
+    run. float32 for a plain float32 CPU tensor; bfloat16 under CPU bf16 autocast (deploy(dtype=
+    torch.bfloat16)), where the CPU has bf16 instructions. None with autograd (an input that needs a
+    gradient), other autocast dtypes, and whenever something traces, compiles or exports the model: those
+    see the plain ops, so traces, ONNX files and torch.compile work as before."""
+    if not (use_onednn and _ONEDNN is not None and type(x) is torch.Tensor and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and not torch.onnx.is_in_onnx_export())
+            and not torch.onnx.is_in_onnx_export()):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        if (_ONEDNN_BF16 and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and x.dtype in (torch.float32, torch.bfloat16)):
+            return torch.bfloat16
+        return None
+    return torch.float32 if x.dtype == torch.float32 else None
 
 
 def onednn_conv(conv: nn.Module) -> bool:
@@ -139,24 +157,41 @@ def onednn_conv(conv: nn.Module) -> bool:
             and (conv.bias is None or not conv.bias.requires_grad))
 
 
+def _weights(conv: nn.Conv2d, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The conv's weight and bias in `dtype`: themselves in float32; for bf16 a copy made once and kept on
+    the module (not in its state dict), remade when the weights change (autocast would cast them again at
+    every call: fused weights need no gradient, so autocast does not cache them)."""
+    weight, bias = conv.weight, conv.bias
+    if weight.dtype == dtype:
+        return weight, bias
+    key = (dtype, weight.data_ptr(), weight._version,
+           None if bias is None else (bias.data_ptr(), bias._version))
+    cached = conv.__dict__.get("_onednn_weights")
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype))
+        conv.__dict__["_onednn_weights"] = cached
+    return cached[1], cached[2]
+
+
 def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(conv(x)) in one oneDNN call (ReLU as the convolution's post-op)."""
-    return _ONEDNN[0](x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
-                      "relu", [], "")
+    """relu(conv(x)) in one oneDNN call (ReLU as the convolution's post-op), in x's dtype."""
+    weight, bias = _weights(conv, x.dtype)
+    return _ONEDNN[0](x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "relu", [], "")
 
 
 def _conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """relu(conv(x) + other) in one oneDNN call; inplace=True writes it into `other`."""
+    """relu(conv(x) + other) in one oneDNN call, in x's dtype; inplace=True writes it into `other`."""
+    weight, bias = _weights(conv, x.dtype)
     if inplace:
-        return _ONEDNN[2](other, x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation,
-                          conv.groups, "add", None, "relu", [], None)
-    return _ONEDNN[1](x, other, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups,
-                      "add", None, "relu", [], None)
+        return _ONEDNN[2](other, x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add",
+                          None, "relu", [], None)
+    return _ONEDNN[1](x, other, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add", None,
+                      "relu", [], None)
 
 
 class FusedConvReLU(nn.Conv2d):
     """relu(conv(x)) for a (folded) conv followed by a ReLU, e.g. in the stem: one oneDNN call where
-    onednn_applies, else the two plain ops. An nn.Conv2d, so the state-dict keys stay those of the conv."""
+    onednn_dtype allows, else the two plain ops. An nn.Conv2d, so the state-dict keys stay those of the conv."""
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "FusedConvReLU":
@@ -168,8 +203,9 @@ class FusedConvReLU(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if onednn_applies(x) and onednn_conv(self):
-                return _conv_relu(self, x)
+            dtype = onednn_dtype(x)
+            if dtype is not None and onednn_conv(self):
+                return _conv_relu(self, x.to(dtype))
         return F.relu(self._conv_forward(x, self.weight, self.bias), inplace=True)
 
 
@@ -204,8 +240,8 @@ class FusedSplitAttention(nn.Module):
             if offset is None:
                 raise ValueError("a deformable split-attention conv needs the offset conv's output")
             x = F.relu(self.norm0(self.conv(x, offset)), inplace=True)
-        elif not torch.jit.is_scripting() and self.conv_relu_fusable(x):
-            x = _conv_relu(self.conv, x)
+        elif not torch.jit.is_scripting() and self.onednn_fusable(x):
+            x = _conv_relu(self.conv, x.to(onednn_dtype(x)))
         else:
             x = F.relu(self.norm0(self.conv(x)), inplace=True)
         gap = x.mean((2, 3), keepdim=True)
@@ -220,8 +256,8 @@ class FusedSplitAttention(nn.Module):
 
 
     @torch.jit.unused
-    def conv_relu_fusable(self, x: torch.Tensor) -> bool:
-        return isinstance(self.norm0, nn.Identity) and onednn_applies(x) and onednn_conv(self.conv)
+    def onednn_fusable(self, x: torch.Tensor) -> bool:
+        return isinstance(self.norm0, nn.Identity) and onednn_conv(self.conv) and onednn_dtype(x) is not None
 
 
 def _radix_major_fc2(fc2: nn.Conv2d, cardinality: int, radix: int) -> nn.Conv2d:
@@ -269,7 +305,7 @@ class FusedBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if self.onednn_fusable(x):
-                return self.forward_onednn(x)
+                return self.forward_onednn(x.to(onednn_dtype(x)))
         out = F.relu(self.norm1(self.conv1(x)), inplace=True)
         if self.pool_before is not None:
             out = self.pool_before(out)
@@ -289,8 +325,8 @@ class FusedBottleneck(nn.Module):
     def onednn_fusable(self, x: torch.Tensor) -> bool:
         return (self.conv2_offset is None and isinstance(self.norm1, nn.Identity)
                 and isinstance(self.norm3, nn.Identity) and (self.norm2 is None or isinstance(self.norm2, nn.Identity))
-                and onednn_applies(x) and onednn_conv(self.conv1) and onednn_conv(self.conv3)
-                and (self.norm2 is not None or onednn_conv(self.conv2.conv)))
+                and onednn_conv(self.conv1) and onednn_conv(self.conv3)
+                and (self.norm2 is not None or onednn_conv(self.conv2.conv)) and onednn_dtype(x) is not None)
 
     @torch.jit.unused
     def forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
@@ -309,6 +345,8 @@ class FusedBottleneck(nn.Module):
             inplace = shortcut.data_ptr() != x.data_ptr()
         else:
             shortcut, inplace = x, self.overwrite_input
+        if shortcut.dtype != x.dtype:  # e.g. a downsample that kept float32: a new tensor in x's dtype
+            shortcut, inplace = shortcut.to(x.dtype), True
         if not (shortcut.is_contiguous() or shortcut.is_contiguous(memory_format=torch.channels_last)):
             shortcut, inplace = shortcut.contiguous(), True
         return _conv_add_relu(self.conv3, out, shortcut, inplace)
@@ -447,7 +485,7 @@ def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, 
     stage), tests/test_amp_d2.py and tests/test_amp_mm.py (detectors).
 
     compile=True uses inductor with `freezing` (weights become constants) unless `compile_kwargs` say
-    otherwise; the compiled graph has the plain ops (onednn_applies is off while compiling), which inductor
+    otherwise; the compiled graph has the plain ops (onednn_dtype is None while compiling), which inductor
     turns into oneDNN convolutions and generated C++ kernels for the rest. Whether that beats the eager fast
     path is measured by tools/benchmark.py --compile (docs/benchmark.md). On CPU it needs a C++ compiler, the
     first call for each input shape compiles (40 s for ResNeSt-50 at 800x1216 on 2 threads, 2026-12-02), and

@@ -77,6 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; smoke 1)")
     parser.add_argument("--repeats-large", type=int, default=None,
                         help="timed rounds at detection size (default 3; smoke 1)")
+    parser.add_argument("--repeats-train", type=int, default=None,
+                        help="timed rounds of the training steps (default 5; smoke 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs")
     parser.add_argument("--eval", default=None, metavar="BxHxW,...",
                         help="eval workloads, the key one last (default 1x224x224,8x224x224,1x800x1216)")
@@ -125,6 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args.warmup = args.warmup if args.warmup is not None else (0 if smoke else 1)
     args.repeats = args.repeats if args.repeats is not None else (1 if smoke else 7)
     args.repeats_large = args.repeats_large if args.repeats_large is not None else (1 if smoke else 3)
+    args.repeats_train = args.repeats_train if args.repeats_train is not None else (1 if smoke else 5)
     try:
         eval_loads = parse_workloads(args.eval) if args.eval is not None else SMOKE_EVAL if smoke else FULL_EVAL
         train_loads = (() if args.no_train else parse_workloads(args.train) if args.train is not None
@@ -151,6 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         detector_load=None if args.no_detector else detector_workload(smoke),
         grad_checkpoint_variants=gc_variants, grad_checkpoint_load=gc_load, backbone=not args.grad_checkpoint_only,
         compile_=args.compile, warmup=args.warmup, repeats=args.repeats, repeats_large=args.repeats_large,
+        repeats_train=args.repeats_train,
         memory=not args.no_memory, peak_sizes=peak_sizes, peak_convs=SMOKE_CONV_SHAPES if smoke else None,
         device=args.device, args=dict(vars(args)),
         argv=list(argv) if argv is not None else sys.argv[1:])

@@ -114,7 +114,9 @@ def _met(g: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ markdown
 def _measured_line(env: dict, args: dict, rounds: Optional[str] = None) -> str:
-    rounds = rounds or f"{args['repeats']} timed rounds ({args['repeats_large']} at detection size)"
+    rounds = rounds or (f"{args['repeats']} timed rounds ({args['repeats_large']} at detection size"
+                        + (f", {args['repeats_train']} for training steps" if args.get("repeats_train") else "")
+                        + ")")
     return (f"Measured {env['date']} on {env['device']}; torch {env['torch']}, {env['threads']} threads "
             f"(interop {env['interop_threads']}"
             + (f", OMP_WAIT_POLICY={env['omp_wait_policy']}" if env.get("omp_wait_policy") else "")

@@ -4,7 +4,8 @@ plain dict (JSON as it is) that the report is rendered from (render.py) and noth
 For each workload, every (implementation, treatment) pair is built afresh from the same seed (the same
 weights), treated, called once (this first call also checks it runs: a treatment that raises, at treatment
 time or at the first call, is recorded with its message, never fatal), then all the pairs that run are timed
-interleaved: `warmup` untimed rounds then `repeats` timed ones (`repeats_large` at detection size); the
+interleaved: `warmup` untimed rounds then `repeats` timed ones (`repeats_large` at detection size, and
+`repeats_train` for training steps when given: a step at detection size varies by 10% from round to round); the
 report gives the median. Eval entries also record the largest output difference to the same implementation
 run eagerly, relative to that output's largest magnitude ("rel_err": what a bf16 or int8 treatment costs in
 precision, with random weights), and, unless memory=False, the peak tensor memory of one more call
@@ -135,6 +136,7 @@ def _input_for(w: Workload, device: torch.device) -> Callable[[Treatment], torch
 
 def run_backbones(variant: str, eval_loads: Sequence[Workload], train_loads: Sequence[Workload], *,
                   compile_: bool = False, warmup: int = 1, repeats: int = 7, repeats_large: int = 3,
+                  repeats_train: Optional[int] = None,
                   memory: bool = True, device="cpu",
                   implementations: Optional[List[Implementation]] = None) -> dict:
     """Every implementation under every treatment of the menu (and its own), on every workload."""
@@ -159,7 +161,8 @@ def run_backbones(variant: str, eval_loads: Sequence[Workload], train_loads: Seq
             logger.info("%s %s", mode, w.label)
             pairs = [(i, t) for i in impls for t in menu(mode, compile_) + (list(i.own) if mode == "eval" else [])]
             res[mode][w.label] = run_pairs(pairs, mode, _input_for(w, device), warmup,
-                                           repeats_large if w.large else repeats, memory, device)
+                                           repeats_train if mode == "train" and repeats_train
+                                           else repeats_large if w.large else repeats, memory, device)
     return res
 
 
@@ -211,7 +214,8 @@ def run_grad_checkpoint(variants: Sequence[str], workload: Workload, warmup: int
 def run_benchmark(*, variant: str, eval_loads: Sequence[Workload], train_loads: Sequence[Workload],
                   detector_load: Optional[Workload], grad_checkpoint_variants: Sequence[str] = (),
                   grad_checkpoint_load: Optional[Workload] = None, backbone: bool = True, compile_: bool = False,
-                  warmup: int = 1, repeats: int = 7, repeats_large: int = 3, memory: bool = True,
+                  warmup: int = 1, repeats: int = 7, repeats_large: int = 3, repeats_train: Optional[int] = None,
+                  memory: bool = True,
                   peak_sizes: Sequence[int] = (1024, 2048, 4096), peak_convs: Optional[dict] = None, device="cpu",
                   args: Optional[dict] = None, argv: Optional[Sequence[str]] = None) -> dict:
     """The whole run, in the current torch threads: machine peak, backbones, detectors (when detectron2 is
@@ -225,7 +229,7 @@ def run_benchmark(*, variant: str, eval_loads: Sequence[Workload], train_loads: 
     if backbone:
         res["peak"] = matmul_peak(peak_sizes, device=device, conv_shapes=peak_convs)  # None: CONV_SHAPES
         res["backbone"] = run_backbones(variant, eval_loads, train_loads, compile_=compile_, memory=memory,
-                                        **rounds)
+                                        repeats_train=repeats_train, **rounds)
         if detector_load is not None:
             try:
                 import detectron2  # noqa: F401

@@ -23,9 +23,12 @@ What changes (the outputs do not, up to float rounding; tests/test_fuse.py check
     ReLU, and conv3 + residual add + ReLU, the sum written in place into the downsample's output or, for
     the blocks after the first of a stage, into the block's input (the previous block's output, which
     nothing else reads: a forward hook that keeps a block's output sees it overwritten); the stem's
-    conv + ReLU pairs likewise. Tracing, scripting, ONNX export, torch.compile, autocast and autograd see the
-    plain ops (onednn_dtype). Equal to the plain ops up to float rounding (tests/test_fuse.py: 1e-5
-    relative). `fuse.use_onednn = False` turns it off.
+    conv + ReLU pairs likewise. Under CPU bf16 autocast (deploy(dtype=torch.bfloat16)) the same calls run
+    in bf16, on bf16 copies of those convs' weights made at the first call and kept on the modules
+    (outside the state dict; remade when a weight changes). Tracing, scripting, ONNX export,
+    torch.compile, other autocast dtypes and autograd see the plain ops (onednn_dtype). Equal to the plain
+    ops up to float rounding (tests/test_fuse.py: 1e-5 relative in fp32). `fuse.use_onednn = False` turns
+    it off.
 The converted modules are inference only: folded statistics can no longer update (train() changes nothing).
 The result stays a ResNeSt (same class, same `forward`, `output_shape()` for detectron2), and scripts,
 traces and exports to ONNX like the original.
@@ -478,7 +481,8 @@ def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, 
     dtype=torch.bfloat16 (or torch.float16, for GPUs): the model's forward runs under
     `torch.autocast(device, dtype)` (autocast_inference): convolutions and linear layers compute in that
     dtype, with fp32 inputs accepted as before; the folding itself is done in float64 and the weights stay
-    float32 (autocast casts them per call). What stays float32: the radix softmax (core.rsoftmax computes it
+    float32 (autocast casts them per call; on CPU in bf16 the fused blocks and stem run oneDNN's fused
+    convolutions on bf16 copies kept on the modules, see the module docstring). What stays float32: the radix softmax (core.rsoftmax computes it
     in fp32), the score / box predictors and mmdet's RoI extractor (FP32_HEADS), and what autocast keeps in
     fp32 or the model casts itself (detectron2 decodes boxes in fp32; torchvision's roi_align runs in fp32
     under autocast). A trunk's features come out in `dtype`. Error against fp32: tests/test_bf16.py (per

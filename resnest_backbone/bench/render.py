@@ -193,7 +193,8 @@ def _conv_bound_section(res: dict) -> List[str]:
              "no treatment that keeps these convolutions runs the model faster than their sum, so that sum caps "
              "the fraction of the peak a model can reach.", "",
              "| architecture | convolutions | their GMAC | their time alone (ms) | ceiling: model GMAC at that time, "
-             "/ fp32 peak | best fp32 measured (ms) | convolutions' share of it |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "/ fp32 peak | best fp32 measured (ms) | convolutions' share of it |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for arch, role in (("resnest", "ours"), ("resnet", "resnet")):
         b = bound.get(arch)
         if not b:

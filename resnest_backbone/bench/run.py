@@ -35,8 +35,8 @@ import torch
 from ..core import build_resnest
 from .candidates import (Implementation, Stages, Workload, backbone_implementations, detector_implementations,
                          torchvision_resnet)
-from .measure import (conv_bound, count_gmacs, environment, eval_step, interleaved, load_average, matmul_peak, measure_peak,
-                      median, train_step, try_call)
+from .measure import (conv_bound, count_gmacs, environment, eval_step, interleaved, load_average, matmul_peak,
+                      measure_peak, median, train_step, try_call)
 from .treatments import DETECTOR_MENU, Treatment, menu
 
 logger = logging.getLogger("resnest.benchmark")

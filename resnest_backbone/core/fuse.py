@@ -100,7 +100,7 @@ def fold_conv_norm(conv: nn.Conv2d, norm: Optional[nn.Module]) -> Tuple[nn.Conv2
     return fused, nn.Identity()
 
 
-# ------------------------------------------------------------------ oneDNN fused convolutions (CPU fp32)
+# ------------------------------------------------------- oneDNN fused convolutions (CPU, fp32 and bf16)
 def _onednn_ops():
     """PyTorch's own oneDNN fused-convolution ops (the ones torch.compile's inductor emits on CPU):
     conv + ReLU, and conv + add + ReLU written in place into the added tensor; None where this build of
@@ -116,8 +116,8 @@ def _onednn_ops():
 
 
 _ONEDNN = _onednn_ops()
-# The fast path's eager CPU float32 calls use _ONEDNN when this is True (set it to False to compare, or to
-# rule oneDNN's fused ops out when chasing a problem). Nothing else changes: the modules and weights are the same.
+# The fast path's eager CPU calls use _ONEDNN where onednn_dtype allows and this is True (set it to False to
+# compare, or to rule oneDNN's fused ops out when chasing a problem): the modules and weights stay the same.
 use_onednn = True
 
 
@@ -257,7 +257,6 @@ class FusedSplitAttention(nn.Module):
             return x * torch.sigmoid(attention)
         return x.mul_(torch.sigmoid(attention))  # radix 1: a gate, in place on the conv output
 
-
     @torch.jit.unused
     def onednn_fusable(self, x: torch.Tensor) -> bool:
         return isinstance(self.norm0, nn.Identity) and onednn_conv(self.conv) and onednn_dtype(x) is not None
@@ -326,10 +325,13 @@ class FusedBottleneck(nn.Module):
 
     @torch.jit.unused
     def onednn_fusable(self, x: torch.Tensor) -> bool:
-        return (self.conv2_offset is None and isinstance(self.norm1, nn.Identity)
-                and isinstance(self.norm3, nn.Identity) and (self.norm2 is None or isinstance(self.norm2, nn.Identity))
-                and onednn_conv(self.conv1) and onednn_conv(self.conv3)
-                and (self.norm2 is not None or onednn_conv(self.conv2.conv)) and onednn_dtype(x) is not None)
+        if self.norm2 is None:  # split attention: FusedSplitAttention checks its conv's norm
+            conv2_ok = onednn_conv(self.conv2.conv)
+        else:  # radix 0: a plain grouped conv, its norm folded
+            conv2_ok = isinstance(self.norm2, nn.Identity) and onednn_conv(self.conv2)
+        return (self.conv2_offset is None and conv2_ok and isinstance(self.norm1, nn.Identity)
+                and isinstance(self.norm3, nn.Identity) and onednn_conv(self.conv1) and onednn_conv(self.conv3)
+                and onednn_dtype(x) is not None)
 
     @torch.jit.unused
     def forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
@@ -383,8 +385,9 @@ def _identity_pool(m: nn.Module) -> bool:
     """An average pool that returns its input unchanged (kernel 1, stride 1, no padding: the avg_down
     shortcut's pool of a stride-1 stage)."""
     pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
-    return (type(m) is nn.AvgPool2d and pair(m.kernel_size) == (1, 1) and pair(m.stride or m.kernel_size) == (1, 1)
-            and pair(m.padding) == (0, 0) and m.divisor_override is None)
+    return (type(m) is nn.AvgPool2d and pair(m.kernel_size) == (1, 1)
+            and pair(m.stride or m.kernel_size) == (1, 1) and pair(m.padding) == (0, 0)
+            and m.divisor_override is None)
 
 
 def _fuse_stem(model: ResNeSt) -> None:
@@ -482,11 +485,12 @@ def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, 
     `torch.autocast(device, dtype)` (autocast_inference): convolutions and linear layers compute in that
     dtype, with fp32 inputs accepted as before; the folding itself is done in float64 and the weights stay
     float32 (autocast casts them per call; on CPU in bf16 the fused blocks and stem run oneDNN's fused
-    convolutions on bf16 copies kept on the modules, see the module docstring). What stays float32: the radix softmax (core.rsoftmax computes it
-    in fp32), the score / box predictors and mmdet's RoI extractor (FP32_HEADS), and what autocast keeps in
-    fp32 or the model casts itself (detectron2 decodes boxes in fp32; torchvision's roi_align runs in fp32
-    under autocast). A trunk's features come out in `dtype`. Error against fp32: tests/test_bf16.py (per
-    stage), tests/test_amp_d2.py and tests/test_amp_mm.py (detectors).
+    convolutions on bf16 copies kept on the modules, see the module docstring). What stays float32: the
+    radix softmax (core.rsoftmax computes it in fp32), the score / box predictors and mmdet's RoI extractor
+    (FP32_HEADS), and what autocast keeps in fp32 or the model casts itself (detectron2 decodes boxes in
+    fp32; torchvision's roi_align runs in fp32 under autocast). A trunk's features come out in `dtype`.
+    Error against fp32: tests/test_bf16.py (per stage), tests/test_amp_d2.py and tests/test_amp_mm.py
+    (detectors).
 
     compile=True uses inductor with `freezing` (weights become constants) unless `compile_kwargs` say
     otherwise; the compiled graph has the plain ops (onednn_dtype is None while compiling), which inductor

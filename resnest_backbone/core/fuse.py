@@ -19,7 +19,7 @@ What changes (the outputs do not, up to float rounding; tests/test_fuse.py check
   - deformable blocks (core/deform.py) keep their offset conv; bn0 / bn2 fold into the deformable conv's
     weight and bias exactly as into a plain conv (it is linear in its weight);
   - on CPU in float32 without autograd (eager inference), each block runs as three of PyTorch's oneDNN
-    fused-convolution calls (the ops torch.compile's inductor emits on CPU): conv1 + ReLU, the split conv +
+    fused-convolution calls (torch.ops.mkldnn._convolution_pointwise): conv1 + ReLU, the split conv +
     ReLU, and conv3 + residual add + ReLU, the sum written in place into the downsample's output or, for
     the blocks after the first of a stage, into the block's input (the previous block's output, which
     nothing else reads: a forward hook that keeps a block's output sees it overwritten); the stem's
@@ -102,7 +102,7 @@ def fold_conv_norm(conv: nn.Conv2d, norm: Optional[nn.Module]) -> Tuple[nn.Conv2
 
 # ------------------------------------------------------- oneDNN fused convolutions (CPU, fp32 and bf16)
 def _onednn_ops():
-    """PyTorch's own oneDNN fused-convolution ops (the ones torch.compile's inductor emits on CPU):
+    """PyTorch's own oneDNN fused-convolution ops (torch.ops.mkldnn, CPU):
     conv + ReLU, and conv + add + ReLU written in place into the added tensor; None where this build of
     torch has no oneDNN."""
     if not torch.backends.mkldnn.is_available():

@@ -243,10 +243,11 @@ class FusedSplitAttention(nn.Module):
             if offset is None:
                 raise ValueError("a deformable split-attention conv needs the offset conv's output")
             x = F.relu(self.norm0(self.conv(x, offset)), inplace=True)
-        elif not torch.jit.is_scripting() and self.onednn_fusable(x):
-            x = _conv_relu(self.conv, x.to(onednn_dtype(x)))
         else:
-            x = F.relu(self.norm0(self.conv(x)), inplace=True)
+            fused: Optional[torch.Tensor] = None
+            if not torch.jit.is_scripting():
+                fused = self.onednn_conv_relu(x)
+            x = F.relu(self.norm0(self.conv(x)), inplace=True) if fused is None else fused
         gap = x.mean((2, 3), keepdim=True)
         if self.radix > 1:
             gap = split_sum(gap, self.radix)
@@ -258,8 +259,10 @@ class FusedSplitAttention(nn.Module):
         return x.mul_(torch.sigmoid(attention))  # radix 1: a gate, in place on the conv output
 
     @torch.jit.unused
-    def onednn_fusable(self, x: torch.Tensor) -> bool:
-        return isinstance(self.norm0, nn.Identity) and onednn_conv(self.conv) and onednn_dtype(x) is not None
+    def onednn_conv_relu(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """relu(conv(x)) as one oneDNN call, or None where this call takes the plain ops (onednn_dtype)."""
+        dtype = onednn_dtype(x) if isinstance(self.norm0, nn.Identity) and onednn_conv(self.conv) else None
+        return None if dtype is None else _conv_relu(self.conv, x.to(dtype))
 
 
 def _radix_major_fc2(fc2: nn.Conv2d, cardinality: int, radix: int) -> nn.Conv2d:
@@ -306,8 +309,9 @@ class FusedBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self.onednn_fusable(x):
-                return self.forward_onednn(x.to(onednn_dtype(x)))
+            dtype = self.onednn_plan(x)
+            if dtype is not None:
+                return self.forward_onednn(x.to(dtype))
         out = F.relu(self.norm1(self.conv1(x)), inplace=True)
         if self.pool_before is not None:
             out = self.pool_before(out)
@@ -324,14 +328,16 @@ class FusedBottleneck(nn.Module):
         return F.relu(out.add_(shortcut), inplace=True)
 
     @torch.jit.unused
-    def onednn_fusable(self, x: torch.Tensor) -> bool:
+    def onednn_plan(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        """The dtype of forward_onednn for this call, or None for the plain ops."""
         if self.norm2 is None:  # split attention: FusedSplitAttention checks its conv's norm
             conv2_ok = onednn_conv(self.conv2.conv)
         else:  # radix 0: a plain grouped conv, its norm folded
             conv2_ok = isinstance(self.norm2, nn.Identity) and onednn_conv(self.conv2)
-        return (self.conv2_offset is None and conv2_ok and isinstance(self.norm1, nn.Identity)
-                and isinstance(self.norm3, nn.Identity) and onednn_conv(self.conv1) and onednn_conv(self.conv3)
-                and onednn_dtype(x) is not None)
+        if (self.conv2_offset is None and conv2_ok and isinstance(self.norm1, nn.Identity)
+                and isinstance(self.norm3, nn.Identity) and onednn_conv(self.conv1) and onednn_conv(self.conv3)):
+            return onednn_dtype(x)
+        return None
 
     @torch.jit.unused
     def forward_onednn(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,11 @@ def test_benchmark_smoke(tmp_path):
     bench = _tool()
     threads = torch.get_num_threads()
     try:
-        res = bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "b.md"), "--grad-checkpoint"])
-        only = bench.main(["--smoke", "--threads", "1", "--grad-checkpoint-only", "--grad-checkpoint-variants",
-                           "resnest14d,resnest26d", "--grad-checkpoint-size", "2x64x96",
+        # --default-allocator: the steady allocator would stay set in this test process (tested in a child)
+        res = bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path / "b.md"), "--grad-checkpoint",
+                          "--default-allocator"])
+        only = bench.main(["--smoke", "--threads", "1", "--default-allocator", "--grad-checkpoint-only",
+                           "--grad-checkpoint-variants", "resnest14d,resnest26d", "--grad-checkpoint-size", "2x64x96",
                            "--out", str(tmp_path / "gc.md")])
     finally:
         torch.set_num_threads(threads)
@@ -50,6 +52,8 @@ def test_benchmark_smoke(tmp_path):
         b["ms"] > 0 and 0.9 < b["gmacs"] / bb["gmacs"][bb["key_eval"]][arch] <= 1.0
         for arch, b in bb["conv_bound"].items())  # fvcore counts the convolutions and a little more
     assert "### The convolutions alone" in (tmp_path / "b.md").read_text()
+    assert "### Where a training step's time goes" in (tmp_path / "b.md").read_text()
+    assert "### CPU time per training step" in (tmp_path / "b.md").read_text()
     own = {i["role"]: i["own"] for i in bb["implementations"]}
     assert "fast path" in own["ours"] and not own["official"] and not own["timm"] and not own["resnet"]
     # the same menu for every implementation: each (implementation, treatment) has a time or a failure
@@ -65,6 +69,13 @@ def test_benchmark_smoke(tmp_path):
                     assert ("ms" in e) != ("error" in e), (mode, w, i["role"], name, e)
                     if "ms" in e:
                         assert e["ms"] > 0 and len(e["runs"]) == 1 and e["peak_mib"] > 0
+                        assert e["cpu_ms"] > 0 and len(e["cpu_runs"]) == 1
+                    if "ms" in e and mode == "train":  # where the step's time goes
+                        b = e["breakdown"]
+                        assert b["conv"] > 0 and b["norm"] > 0 and b["other"] > 0
+                        assert b["conv"] + b["norm"] + b["other"] <= b["total"] * 1.01
+                        assert b["calls"]["conv"] >= 2 * 10  # forward + backward of each convolution
+    assert saved["env"]["allocator"] == "default"
     key = bb["key_eval"]
     assert key == list(bb["eval"])[-1]
     for role in ("ours", "official", "timm", "resnet"):  # eager, channels_last and jit run everywhere
@@ -219,6 +230,58 @@ def test_conv_bound_times_each_convolution_of_a_forward(monkeypatch):
     macs = 2 * 5 * 6 * 8 * 3 * 9 + 2 * 5 * 6 * 8 * 4 + 2 * (2 * 8 * 8)
     assert b["convs"] == 4 and b["gmacs"] == pytest.approx(macs / 1e9)
     assert b["ms"] == pytest.approx(4.0)
+
+
+def test_op_breakdown_classes_every_operator_of_a_training_step(monkeypatch):
+    """Each operator's time goes to its class: the convolution's forward and backward to conv, the batch
+    norm's to norm, the rest (ReLU, its backward, the loss's mean...) to other; each operator call here
+    takes 1 ms of a fake clock, so the classes count operator calls."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).train()
+    x = torch.randn(2, 3, 8, 8)
+    clock = iter(range(10**6))
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock) * 1e-3)
+    b = measure.op_breakdown(lambda: measure.train_step(model, x))
+    assert b["calls"]["conv"] == 2  # convolution, convolution_backward
+    assert b["calls"]["norm"] == 2  # the batch norm's forward and backward
+    assert b["calls"]["other"] >= 4  # relu, threshold_backward, mean, its backward, ...
+    assert (b["conv"], b["norm"]) == (pytest.approx(2.0), pytest.approx(2.0))
+    assert b["other"] == pytest.approx(b["calls"]["other"])
+    assert b["total"] > b["conv"] + b["norm"] + b["other"]  # the step's clock reads frame the operators'
+    assert model[0].weight.grad is not None  # the step really ran (with its backward)
+
+
+@pytest.mark.skipif(not (os.uname().sysname == "Linux" and __import__("platform").libc_ver()[0] == "glibc"),
+                    reason="glibc's mallopt")
+def test_steady_allocator_stops_page_faults_of_repeated_large_tensors(tmp_path):
+    """In a child process (the setting cannot be undone): a 256 MiB tensor allocated, freed and allocated
+    again page-faults afresh with glibc's defaults (every page of it, every time), and hardly at all once
+    steady_allocator() has run and the heap has grown to its size (the freed memory is kept and reused)."""
+    script = tmp_path / "faults.py"
+    script.write_text(
+        "import resource, sys, torch\n"
+        "from resnest_backbone.bench.measure import steady_allocator\n"
+        "set_ = steady_allocator() if sys.argv[1] == 'steady' else 'default'\n"
+        "n = 256 * 2**20 // 4\n"
+        "for _ in range(2):  # the heap grows to its size\n"
+        "    torch.ones(n)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(3):\n"
+        "    torch.ones(n)\n"
+        "pages = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (3 * n * 4 / 4096)\n"
+        "print(set_, pages)\n")
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    out = {}
+    for mode in ("default", "steady"):
+        line = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env,
+                              check=True).stdout.strip().splitlines()[-1]
+        desc, pages = line.rsplit(" ", 1)
+        out[mode] = (desc, float(pages))
+    assert out["default"][1] > 0.5, out  # each allocation faults its pages in again
+    assert out["steady"][1] < 0.05, out
+    assert out["steady"][0].startswith("glibc malloc, M_MMAP_MAX=0"), out
 
 
 def test_parse_workloads():

@@ -98,6 +98,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         help="comma-separated variants for it (default: --variant)")
     parser.add_argument("--grad-checkpoint-size", default=None, metavar="BxHxW",
                         help="its workload (default 2x320x320; smoke 2x64x64)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave malloc as it is (default: glibc kept from returning freed memory to the OS, "
+                             "so that repeated steps do not page-fault afresh; see measure.steady_allocator)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=DEFAULT_OUT, help="markdown report (default docs/benchmark.md)")
     parser.add_argument("--png", default=None, help="bar chart (default: --out with .png)")
@@ -156,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         compile_=args.compile, warmup=args.warmup, repeats=args.repeats, repeats_large=args.repeats_large,
         repeats_train=args.repeats_train,
         memory=not args.no_memory, peak_sizes=peak_sizes, peak_convs=SMOKE_CONV_SHAPES if smoke else None,
-        device=args.device, args=dict(vars(args)),
+        device=args.device, args=dict(vars(args)), steady_allocator_=not args.default_allocator,
         argv=list(argv) if argv is not None else sys.argv[1:])
     text = json.dumps(res, indent=1)
     _write(args.json, text + "\n")

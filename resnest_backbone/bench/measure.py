@@ -8,15 +8,23 @@
                over tensor storages; on CUDA, torch.cuda.max_memory_allocated), above what existed before it
   count_gmacs  multiply-adds of the architecture (fvcore; it reports a multiply-add as one "flop")
   conv_bound   the time of a model's convolutions alone, each timed on its own: the ceiling of its throughput
+  op_breakdown where one call's time goes, by operator class (convolution, batch norm, the rest)
+  steady_allocator  glibc's malloc kept from returning memory to the OS, so that repeated steps do not
+               page-fault afresh (a training step at detection size otherwise spends 5-15% of its time, and
+               most of its round-to-round spread, in page faults)
   matmul_peak  the machine's limit: GFLOP/s per dtype on the current threads, the best of square matmuls and
                of large dense convolutions (oneDNN's convolution kernels can beat torch.mm: the limit is the
                faster of the two, never a figure that the models then exceed)
   environment  what a timing depends on (device, torch, threads, load, CPU flags)
 """
+import collections
+import ctypes
+import ctypes.util
 import datetime
 import logging
 import os
 import platform
+import resource
 import statistics
 import time
 import warnings
@@ -30,7 +38,7 @@ logger = logging.getLogger("resnest.benchmark")
 
 __all__ = ["CONV_SHAPES", "MATMUL_DTYPES", "PeakTensorMemory", "conv_bound", "conv_rate", "count_gmacs", "cpu_flags",
            "environment", "eval_step", "interleaved", "load_average", "matmul_peak", "matmul_rate", "measure_peak",
-           "median", "train_step", "try_call"]
+           "median", "op_breakdown", "steady_allocator", "train_step", "try_call"]
 
 
 class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
@@ -125,20 +133,32 @@ def count_gmacs(model: nn.Module, x: torch.Tensor) -> float:
         return analysis.total() / 1e9
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return usage.ru_utime + usage.ru_stime
+
+
 def interleaved(fns: Dict[str, Callable[[], object]], warmup: int, repeats: int,
-                device: torch.device) -> Dict[str, List[float]]:
+                device: torch.device, cpu: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
     """ms of each timed round per callable, timed in interleaved rounds (A B C A B C ...) after `warmup`
-    untimed ones."""
+    untimed ones. With a dict `cpu`, also the CPU ms of this process (user + system, all threads) per
+    timed round, into cpu[name]: the work done, which other processes' load and the scheduler disturb
+    less than the wall time."""
     times: Dict[str, List[float]] = {name: [] for name in fns}
+    if cpu is not None:
+        cpu.update({name: [] for name in fns})
     alive = dict(fns)
     for round_ in range(warmup + repeats):
         for name, fn in list(alive.items()):
             _sync(device)
+            cpu_start = _cpu_seconds()
             start = time.perf_counter()
             fn()
             _sync(device)
             if round_ >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
+                if cpu is not None:
+                    cpu[name].append((_cpu_seconds() - cpu_start) * 1e3)
     return times
 
 
@@ -236,6 +256,71 @@ def conv_bound(model: nn.Module, x: torch.Tensor, repeats: int = 3, device="cpu"
             seconds += _best_time(op, repeats, device)
             macs += op().numel() * weight[0].numel()
     return {"ms": seconds * 1e3, "gmacs": macs / 1e9, "convs": len(shapes)}
+
+
+CONV_OPS = frozenset({"convolution", "convolution_backward", "mkldnn_convolution", "_convolution",
+                      "_convolution_pointwise", "_convolution_pointwise_"})
+NORM_OPS = frozenset({"native_batch_norm", "native_batch_norm_backward", "_native_batch_norm_legit",
+                      "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training",
+                      "batch_norm_backward", "native_group_norm", "native_group_norm_backward"})
+
+
+class _OpTimer(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ms: Dict[str, float] = collections.defaultdict(float)
+        self.calls: Dict[str, int] = collections.defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        kind = "conv" if name in CONV_OPS else "norm" if name in NORM_OPS else "other"
+        self.ms[kind] += (time.perf_counter() - start) * 1e3
+        self.calls[kind] += 1
+        return out
+
+
+def op_breakdown(fn: Callable[[], object], device="cpu") -> dict:
+    """Where one call of fn() spends its time, by operator class, each operator timed as it runs (CPU:
+    the operators run synchronously): {"conv": ms (convolutions, forward and backward), "norm": ms (batch
+    and group norm, forward and backward), "other": ms (every other operator: activations, pooling, the
+    elementwise and reduction work), "total": ms (the whole call, with the Python and autograd overhead
+    between operators), "calls": {class: operator calls}}. Run it after warm-up calls: a first call's
+    one-off costs land on whichever operator meets them."""
+    device = torch.device(device)
+    _sync(device)
+    timer = _OpTimer()
+    start = time.perf_counter()
+    with timer:
+        fn()
+    _sync(device)
+    total = (time.perf_counter() - start) * 1e3
+    return {"conv": timer.ms["conv"], "norm": timer.ms["norm"], "other": timer.ms["other"], "total": total,
+            "calls": {k: timer.calls[k] for k in ("conv", "norm", "other")}}
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc malloc.h
+
+
+def steady_allocator() -> Optional[str]:
+    """Keep glibc's malloc from giving freed memory back to the OS: no mmap for large blocks (M_MMAP_MAX 0)
+    and no trimming of the heap (M_TRIM_THRESHOLD at its largest). A large tensor is otherwise a fresh
+    mmap that page-faults on first touch, every step again: at 2x800x1216 a training step spent 0.3-1.5 s
+    of system time in page faults (5-15% of the step), by an amount that varied from round to round. With
+    it, once the heap has grown to a step's peak, steps run without page faults. It applies to the whole
+    process (every implementation alike) and cannot be undone; the memory stays with the process.
+    Returns what was set (for the report), or None where the C library is not glibc (nothing is changed)."""
+    name = ctypes.util.find_library("c")
+    if not name or platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        return None
+    return "glibc malloc, M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1 (freed memory kept: no page faults per step)" \
+        if ok else None
 
 
 def matmul_peak(sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 3, device="cpu",

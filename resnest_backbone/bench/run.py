@@ -21,7 +21,13 @@ Result layout (run_benchmark):
                                 entry}}}, "key_eval", "key_train"}
   detector                      {"workload", "implementations", "eval": {role: {treatment: entry}}}
   grad_checkpoint               {"workload", "rows": [...]} (with --grad-checkpoint)
-An entry is {"ms", "runs" (ms per timed round), "first_s", "rel_err", "peak_mib"} or {"error": message}.
+An entry is {"ms", "runs" (ms per timed round), "cpu_ms", "cpu_runs" (CPU ms of the process, all threads, per
+round; CPU runs only), "first_s", "rel_err", "peak_mib", and for training steps "breakdown"
+(measure.op_breakdown of one more step: conv / norm / other ms)} or {"error": message}.
+
+The run first calls measure.steady_allocator (unless steady_allocator_=False): without it, a training step's
+page faults vary from round to round by more than the differences being measured. It is recorded in
+env["allocator"].
 """
 import copy
 import gc
@@ -36,7 +42,7 @@ from ..core import build_resnest
 from .candidates import (Implementation, Stages, Workload, backbone_implementations, detector_implementations,
                          torchvision_resnet)
 from .measure import (conv_bound, count_gmacs, environment, eval_step, interleaved, load_average, matmul_peak,
-                      measure_peak, median, train_step, try_call)
+                      measure_peak, median, op_breakdown, steady_allocator, train_step, try_call)
 from .treatments import DETECTOR_MENU, Treatment, menu
 
 logger = logging.getLogger("resnest.benchmark")
@@ -110,18 +116,25 @@ def run_pairs(pairs: Sequence[tuple], mode: str, x_of: Callable[[Treatment], obj
         logger.info("  %-40s %-22s ready (treatment + first call %.1f s)", impl.name, t.name, entry["first_s"])
         key = f"{impl.role}|{t.name}"
         fns[key], steps[key] = fn, (impl, t, step, model, x)
-    times = interleaved(fns, warmup, repeats, device)
+    cpu: Dict[str, List[float]] = {}
+    times = interleaved(fns, warmup, repeats, device, cpu=cpu if device.type == "cpu" else None)
     for key, runs in times.items():
         impl, t, step, model, x = steps[key]
         entry = results[impl.role][t.name]
         entry["ms"] = median(runs)
         entry["runs"] = [_round(r) for r in runs]
+        if key in cpu:
+            entry["cpu_ms"] = median(cpu[key])
+            entry["cpu_runs"] = [_round(r) for r in cpu[key]]
         if memory and not t.needs_compile:
             if mode == "eval":
                 entry["peak_mib"] = measure_peak(lambda: eval_step(step, x), device)
             else:
                 entry["peak_mib"] = measure_peak(lambda: train_step(step, x), device)
                 model.zero_grad(set_to_none=True)
+        if mode == "train" and not t.needs_compile:
+            entry["breakdown"] = {k: (_round(v, 1) if isinstance(v, float) else v)
+                                  for k, v in op_breakdown(fns[key], device).items()}
         logger.info("  %-40s %-22s %9.1f ms", impl.name, t.name, entry["ms"])
     del fns, steps, refs
     gc.collect()
@@ -217,11 +230,13 @@ def run_benchmark(*, variant: str, eval_loads: Sequence[Workload], train_loads: 
                   warmup: int = 1, repeats: int = 7, repeats_large: int = 3, repeats_train: Optional[int] = None,
                   memory: bool = True,
                   peak_sizes: Sequence[int] = (1024, 2048, 4096), peak_convs: Optional[dict] = None, device="cpu",
-                  args: Optional[dict] = None, argv: Optional[Sequence[str]] = None) -> dict:
+                  args: Optional[dict] = None, argv: Optional[Sequence[str]] = None,
+                  steady_allocator_: bool = True) -> dict:
     """The whole run, in the current torch threads: machine peak, backbones, detectors (when detectron2 is
     installed and detector_load is given), gradient checkpointing (when variants are given)."""
     start = time.perf_counter()
     env = environment(device)
+    env["allocator"] = (steady_allocator() if steady_allocator_ else None) or "default"
     logger.info("torch %s, threads %s (interop %s), %s", env["torch"], env["threads"], env["interop_threads"],
                 env["device"])
     res: dict = {"schema": 2, "env": env, "args": dict(args or {})}

@@ -59,7 +59,7 @@ def test_benchmark_smoke(tmp_path):
     # the same menu for every implementation: each (implementation, treatment) has a time or a failure
     eval_menu = [t.name for t in treatments.menu("eval", compile_=False)]
     assert {"eager", "channels_last", "jit", "bf16 autocast", "int8 fx"} <= set(eval_menu)
-    for mode, menu_names in (("eval", eval_menu), ("train", ["eager", "channels_last"])):
+    for mode, menu_names in (("eval", eval_menu), ("train", [t.name for t in treatments.menu("train", False)])):
         assert bb[mode], mode
         for w, per in bb[mode].items():
             for i in bb["implementations"]:
@@ -151,8 +151,12 @@ def test_training_pairs_and_layouts():
     got = run.run_pairs([(impl, t) for t in treatments.TRAIN_MENU], "train",
                         lambda t: x_cl if t.channels_last else x, warmup=0, repeats=1, memory=True,
                         device=torch.device("cpu"))["plain"]
-    assert list(got) == ["eager", "channels_last"]
-    assert all(e["ms"] > 0 and e["peak_mib"] > 0 and "rel_err" not in e for e in got.values())
+    assert list(got) == ["eager", "channels_last", "channels_last + compile"]
+    assert all(e["ms"] > 0 and "rel_err" not in e and e["cpu_ms"] > 0 for e in got.values())
+    assert got["eager"]["peak_mib"] > 0 and got["channels_last"]["peak_mib"] > 0
+    assert "peak_mib" not in got["channels_last + compile"]  # not measured under compile (nor the breakdown)
+    assert "breakdown" in got["channels_last"] and "breakdown" not in got["channels_last + compile"]
+    assert [t.name for t in treatments.menu("train", compile_=False)] == ["eager", "channels_last"]
 
 
 def test_rel_err():

@@ -15,8 +15,9 @@ example input (already in the treatment's memory format) into the callable that 
                   x86 qconfig mapping), calibrated on the timed input; needs an FX-traceable model, so it
                   fails on models whose forward has data-dependent control flow (the failure is recorded)
 
-Training steps use the layout treatments only (TRAIN_MENU: eager, channels_last); the others are inference
-transforms. Ours additionally has its own fast path, `resnest_backbone.core.fuse.deploy` (own_treatments()):
+Training steps use the layout treatments and, with --compile, torch.compile (TRAIN_MENU: eager,
+channels_last, channels_last + compile: inductor compiles the forward and the backward; 1-2 min per model on
+2 threads here); jit freezing, autocast and int8 are inference transforms. Ours additionally has its own fast path, `resnest_backbone.core.fuse.deploy` (own_treatments()):
 a treatment only ours has, reported as ours' own entries.
 """
 import inspect
@@ -27,8 +28,8 @@ import torch
 from torch import nn
 
 __all__ = ["DETECTOR_MENU", "EVAL_MENU", "TRAIN_MENU", "Treatment", "bf16_autocast", "channels_last", "eager",
-           "fused_channels_last", "int8_fx", "jit_freeze", "menu", "own_treatments", "to_channels_last",
-           "torch_compile"]
+           "fused_channels_last", "int8_fx", "jit_freeze", "menu", "own_treatments", "to_channels_last", "torch_compile",
+           "train_compile"]
 
 Step = Callable[[torch.Tensor], Any]
 
@@ -103,7 +104,19 @@ EVAL_MENU: Tuple[Treatment, ...] = (
               description="post-training static int8, torch.ao FX graph mode (prepare_fx / convert_fx, x86 "
                           "qconfig mapping), calibrated on the timed input; needs an FX-traceable model"),
 )
-TRAIN_MENU: Tuple[Treatment, ...] = (EAGER, CHANNELS_LAST)
+
+
+def train_compile(model: nn.Module, x: torch.Tensor) -> Step:
+    return torch.compile(to_channels_last(model))
+
+
+TRAIN_MENU: Tuple[Treatment, ...] = (
+    EAGER,
+    CHANNELS_LAST,
+    Treatment("channels_last + compile", train_compile, channels_last=True, needs_compile=True,
+              description="training: channels_last + torch.compile (inductor; forward and backward compiled); "
+                          "only with --compile"),
+)
 
 
 def fused_channels_last(model: nn.Module, x) -> Step:

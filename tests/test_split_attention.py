@@ -81,3 +81,71 @@ def test_bad_values_are_refused():
         SplitAttentionConv2d(32, 32, radix=0)
     with pytest.raises(ValueError, match="divisible"):
         SplitAttentionConv2d(30, 30, cardinality=4, radix=2)
+
+
+def _plain_pool(x: torch.Tensor, radix: int) -> torch.Tensor:
+    """The global context with autograd's own backward (what split_pool's custom backward replaces)."""
+    from resnest_backbone.core.split_attention import split_sum
+    return F.adaptive_avg_pool2d(split_sum(x, radix) if radix > 1 else x, 1)
+
+
+@pytest.mark.parametrize("radix", [1, 2, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_pool_gradient_is_autograds(radix, channels_last):
+    """split_pool's backward (a broadcast view) gives autograd's gradient: gradcheck in float64 (first and
+    second order), and, in a whole training-mode block, every parameter's gradient equal to the plain ops'."""
+    from resnest_backbone.core import split_attention as sa
+    torch.manual_seed(radix)
+    x = torch.randn(2, radix * 3, 5, 4, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    torch.autograd.gradcheck(lambda t: sa.split_pool(t, radix), (x,))
+    torch.autograd.gradgradcheck(lambda t: sa.split_pool(t, radix) ** 2, (x,))
+    torch.testing.assert_close(sa.split_pool(x, radix), _plain_pool(x, radix), rtol=0, atol=0)
+
+    m = SplitAttentionConv2d(16, 16, 3, 1, 1, cardinality=2 if radix < 4 else 1, radix=radix,
+                             norm_layer=torch.nn.BatchNorm2d).train()
+    inp = torch.randn(3, 16, 12, 10)
+    if channels_last:
+        m, inp = m.to(memory_format=torch.channels_last), inp.contiguous(memory_format=torch.channels_last)
+    grads = []
+    for pool in (sa.split_pool, _plain_pool):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sa, "split_pool", pool)
+            m.zero_grad(set_to_none=True)
+            out = m(inp.clone().requires_grad_())
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_split_pool_backward_is_a_broadcast_view():
+    """The gradient split_pool sends back is not materialised: stride 0 over the pixels (what saves a copy
+    and an add of a full-size tensor per block); the plain ops' is a full tensor."""
+    from resnest_backbone.core import split_attention as sa
+    seen = {}
+    for name, pool in (("split_pool", sa.split_pool), ("plain", _plain_pool)):
+        x = torch.randn(2, 8, 6, 5, requires_grad=True)
+        y = x * 1.0  # an intermediate whose hook sees the gradient as sent
+        y.register_hook(lambda g, name=name: seen.__setitem__(name, g.stride()))
+        pool(y, 2).sum().backward()
+    assert seen["split_pool"][2:] == (0, 0)
+    assert 0 not in seen["plain"]
+
+
+def test_split_pool_under_tracing_and_scripting_is_the_plain_ops():
+    """jit.trace records plain ops (no Python autograd.Function in the graph); scripted modules take the
+    plain branch; both give the same outputs as eager, with gradients flowing."""
+    m = SplitAttentionConv2d(16, 16, 3, 1, 1, radix=2, norm_layer=torch.nn.BatchNorm2d).eval()
+    x = torch.randn(1, 16, 8, 8)
+    traced = torch.jit.trace(m, x, check_trace=False)
+    assert "PythonOp" not in str(traced.inlined_graph)
+    scripted = torch.jit.script(m)
+    with torch.no_grad():
+        ref = m(x)
+        torch.testing.assert_close(traced(x), ref)
+        torch.testing.assert_close(scripted(x), ref)
+    scripted.train()(x.requires_grad_()).sum().backward()
+    assert m.conv.weight.grad is not None

@@ -183,6 +183,13 @@ def split_sum(x: torch.Tensor, radix: int, attention: Optional[torch.Tensor] = N
                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         torch.mul(splits[:, 0], attention[:, 0], out=out)
         return out.addcmul_(splits[:, 1], attention[:, 1])
+    if channels_last and torch.compiler.is_compiling():
+        # torch.compile: the reduction over the radix view, then the layout asked for. Inductor fuses either
+        # form, and the (B, H*W, radix, C) view below stops its stride ordering with dynamic shapes
+        # ("cannot determine truth value of Relational", torch 2.14).
+        splits = x.view(batch, radix, channels, height, width)
+        out = splits.sum(1) if attention is None else (splits * attention).sum(1)
+        return out.contiguous(memory_format=torch.channels_last)
     if channels_last:
         hwrc = x.permute(0, 2, 3, 1).reshape(batch, height * width, radix, channels)  # a view
         if attention is not None:

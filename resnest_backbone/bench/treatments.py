@@ -17,8 +17,9 @@ example input (already in the treatment's memory format) into the callable that 
 
 Training steps use the layout treatments and, with --compile, torch.compile (TRAIN_MENU: eager,
 channels_last, channels_last + compile: inductor compiles the forward and the backward; 1-2 min per model on
-2 threads here); jit freezing, autocast and int8 are inference transforms. Ours additionally has its own fast path, `resnest_backbone.core.fuse.deploy` (own_treatments()):
-a treatment only ours has, reported as ours' own entries.
+2 threads here; compiled for the workload's fixed shape, dynamic=False); jit freezing, autocast and int8 are
+inference transforms. Ours additionally has its own fast path, `resnest_backbone.core.fuse.deploy`
+(own_treatments()): a treatment only ours has, reported as ours' own entries.
 """
 import inspect
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ import torch
 from torch import nn
 
 __all__ = ["DETECTOR_MENU", "EVAL_MENU", "TRAIN_MENU", "Treatment", "bf16_autocast", "channels_last", "eager",
-           "fused_channels_last", "int8_fx", "jit_freeze", "menu", "own_treatments", "to_channels_last", "torch_compile",
-           "train_compile"]
+           "fused_channels_last", "int8_fx", "jit_freeze", "menu", "own_treatments", "to_channels_last",
+           "torch_compile", "train_compile"]
 
 Step = Callable[[torch.Tensor], Any]
 
@@ -107,7 +108,7 @@ EVAL_MENU: Tuple[Treatment, ...] = (
 
 
 def train_compile(model: nn.Module, x: torch.Tensor) -> Step:
-    return torch.compile(to_channels_last(model))
+    return torch.compile(to_channels_last(model), dynamic=False)  # the eval shapes compiled before: static
 
 
 TRAIN_MENU: Tuple[Treatment, ...] = (

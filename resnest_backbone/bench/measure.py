@@ -10,8 +10,8 @@
   conv_bound   the time of a model's convolutions alone, each timed on its own: the ceiling of its throughput
   op_breakdown where one call's time goes, by operator class (convolution, batch norm, the rest)
   steady_allocator  glibc's malloc kept from returning memory to the OS, so that repeated steps do not
-               page-fault afresh (a training step at detection size otherwise spends 5-15% of its time, and
-               most of its round-to-round spread, in page faults)
+               page-fault afresh (a training step at detection size otherwise spent 0.3-1.5 s of system time
+               in page faults here, a different amount each round)
   matmul_peak  the machine's limit: GFLOP/s per dtype on the current threads, the best of square matmuls and
                of large dense convolutions (oneDNN's convolution kernels can beat torch.mm: the limit is the
                faster of the two, never a figure that the models then exceed)
@@ -306,21 +306,23 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc malloc.h
 def steady_allocator() -> Optional[str]:
     """Keep glibc's malloc from giving freed memory back to the OS: no mmap for large blocks (M_MMAP_MAX 0)
     and no trimming of the heap (M_TRIM_THRESHOLD at its largest). A large tensor is otherwise a fresh
-    mmap that page-faults on first touch, every step again: at 2x800x1216 a training step spent 0.3-1.5 s
-    of system time in page faults (5-15% of the step), by an amount that varied from round to round. With
-    it, once the heap has grown to a step's peak, steps run without page faults. It applies to the whole
-    process (every implementation alike) and cannot be undone; the memory stays with the process.
-    Returns what was set (for the report), or None where the C library is not glibc (nothing is changed)."""
+    mmap that page-faults on first touch, every step again: a ResNeSt-50 training step at 2x512x768 or
+    2x800x1216 spent 0.3-1.5 s of system time in page faults (measured here, 2026-12-02), a different
+    amount each round. With it, once the heap has grown to a step's peak, steps run without page faults.
+    It applies to the whole process (every implementation alike) and cannot be undone; the memory stays
+    with the process. Returns what was set (for the report), or None where the C library is not glibc or
+    refused both settings (then nothing is changed)."""
     name = ctypes.util.find_library("c")
     if not name or platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
         return None
     try:
         libc = ctypes.CDLL(name)
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        done = [desc for option, value, desc in ((_M_MMAP_MAX, 0, "M_MMAP_MAX=0"),
+                                                 (_M_TRIM_THRESHOLD, 2**31 - 1, "M_TRIM_THRESHOLD=2^31-1"))
+                if libc.mallopt(option, value) == 1]
     except (OSError, AttributeError):
         return None
-    return "glibc malloc, M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1 (freed memory kept: no page faults per step)" \
-        if ok else None
+    return f"glibc malloc, {', '.join(done)} (freed memory kept: no page faults per step)" if done else None
 
 
 def matmul_peak(sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 3, device="cpu",

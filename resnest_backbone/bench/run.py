@@ -22,7 +22,7 @@ Result layout (run_benchmark):
   detector                      {"workload", "implementations", "eval": {role: {treatment: entry}}}
   grad_checkpoint               {"workload", "rows": [...]} (with --grad-checkpoint)
 An entry is {"ms", "runs" (ms per timed round), "cpu_ms", "cpu_runs" (CPU ms of the process, all threads, per
-round; CPU runs only), "first_s", "rel_err", "peak_mib", and for training steps "breakdown"
+round; CPU runs only), "first_s", "rel_err", "peak_mib", and for training steps on CPU "breakdown"
 (measure.op_breakdown of one more step: conv / norm / other ms)} or {"error": message}.
 
 The run first calls measure.steady_allocator (unless steady_allocator_=False): without it, a training step's
@@ -132,7 +132,7 @@ def run_pairs(pairs: Sequence[tuple], mode: str, x_of: Callable[[Treatment], obj
             else:
                 entry["peak_mib"] = measure_peak(lambda: train_step(step, x), device)
                 model.zero_grad(set_to_none=True)
-        if mode == "train" and not t.needs_compile:
+        if mode == "train" and not t.needs_compile and device.type == "cpu":  # CPU operators run synchronously
             entry["breakdown"] = {k: (_round(v, 1) if isinstance(v, float) else v)
                                   for k, v in op_breakdown(fns[key], device).items()}
         logger.info("  %-40s %-22s %9.1f ms", impl.name, t.name, entry["ms"])

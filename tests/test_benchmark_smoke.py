@@ -259,21 +259,23 @@ def test_op_breakdown_classes_every_operator_of_a_training_step(monkeypatch):
                     reason="glibc's mallopt")
 def test_steady_allocator_stops_page_faults_of_repeated_large_tensors(tmp_path):
     """In a child process (the setting cannot be undone): a 256 MiB tensor allocated, freed and allocated
-    again page-faults afresh with glibc's defaults (every page of it, every time), and hardly at all once
-    steady_allocator() has run and the heap has grown to its size (the freed memory is kept and reused)."""
+    again page-faults afresh with glibc's defaults (every page of it, every time), and, once
+    steady_allocator() has run and the heap has grown to its size, not at all in most allocations (the freed
+    memory is kept and reused; the heap may still grow once more)."""
     script = tmp_path / "faults.py"
     script.write_text(
-        "import resource, sys, torch\n"
+        "import resource, statistics, sys, torch\n"
         "from resnest_backbone.bench.measure import steady_allocator\n"
         "set_ = steady_allocator() if sys.argv[1] == 'steady' else 'default'\n"
         "n = 256 * 2**20 // 4\n"
         "for _ in range(2):  # the heap grows to its size\n"
         "    torch.ones(n)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(3):\n"
+        "pages = []\n"
+        "for _ in range(6):\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "    torch.ones(n)\n"
-        "pages = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (3 * n * 4 / 4096)\n"
-        "print(set_, pages)\n")
+        "    pages.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (n * 4 / 4096))\n"
+        "print(set_, min(pages), statistics.median(pages))\n")
     import subprocess
     import sys
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
@@ -281,10 +283,10 @@ def test_steady_allocator_stops_page_faults_of_repeated_large_tensors(tmp_path):
     for mode in ("default", "steady"):
         line = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env,
                               check=True).stdout.strip().splitlines()[-1]
-        desc, pages = line.rsplit(" ", 1)
-        out[mode] = (desc, float(pages))
-    assert out["default"][1] > 0.5, out  # each allocation faults its pages in again
-    assert out["steady"][1] < 0.05, out
+        desc, low, mid = line.rsplit(" ", 2)
+        out[mode] = (desc, float(low), float(mid))
+    assert out["default"][1] > 0.5, out  # every allocation faults its pages in again
+    assert out["steady"][2] < 0.05, out  # most allocations fault nothing (the heap may still grow once)
     assert out["steady"][0].startswith("glibc malloc, M_MMAP_MAX=0"), out
 
 

@@ -89,7 +89,7 @@ class SplitAttentionConv2d(nn.Module):
         # rounding differences grow through deep nets (ResNeSt-101 with random BN statistics: 0.07 at
         # res5 instead of bit-exact), and tests/test_fidelity.py requires 1e-5 to the official features.
         if torch.jit.is_scripting():
-            gap = F.adaptive_avg_pool2d(split_sum(x, self.radix) if self.radix > 1 else x, 1)
+            gap = split_context(x, self.radix)
         else:
             gap = split_pool(x, self.radix)  # the same arithmetic; a lighter backward
         gap = self.fc1(gap)
@@ -209,6 +209,11 @@ def split_sum(x: torch.Tensor, radix: int, attention: Optional[torch.Tensor] = N
 torch.fx.wrap("split_sum")
 
 
+def split_context(x: torch.Tensor, radix: int) -> torch.Tensor:
+    """The global context with plain ops: adaptive_avg_pool2d of the split sum (of x itself for radix 1)."""
+    return F.adaptive_avg_pool2d(split_sum(x, radix) if radix > 1 else x, 1)
+
+
 class _SplitPool(torch.autograd.Function):
     """adaptive_avg_pool2d(split_sum(x, radix), 1) whose backward returns the gradient as what it is: the
     same value over every split and pixel, a broadcast (stride-0) view of a (B, radix*C, 1, 1) tensor. Autograd's
@@ -220,7 +225,7 @@ class _SplitPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, radix: int) -> torch.Tensor:
         ctx.shape, ctx.radix = x.shape, radix
-        return F.adaptive_avg_pool2d(split_sum(x, radix) if radix > 1 else x, 1)
+        return split_context(x, radix)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -237,7 +242,7 @@ def split_pool(x: torch.Tensor, radix: int) -> torch.Tensor:
     lighter backward (_SplitPool); under jit tracing, the plain ops."""
     if x.requires_grad and not torch.jit.is_tracing():
         return _SplitPool.apply(x, radix)
-    return F.adaptive_avg_pool2d(split_sum(x, radix) if radix > 1 else x, 1)
+    return split_context(x, radix)
 
 
 torch.fx.wrap("split_pool")

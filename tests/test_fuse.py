@@ -9,7 +9,7 @@ from torch import nn
 from resnest_backbone.core import VARIANTS, FrozenBatchNorm2d, ResNeSt, build_resnest
 from resnest_backbone.core import fuse as fuse_module
 from resnest_backbone.core.fuse import (FusedBottleneck, FusedSplitAttention, fold_conv_norm, fuse_model,
-                                        fuse_resnest, fused_split_sum)
+                                        fuse_resnest, fused_split_sum, softmax_split_sum)
 from resnest_backbone.core.split_attention import SplitAttentionConv2d, weighted_split_sum
 
 ATOL = 1e-4
@@ -159,6 +159,66 @@ def test_fold_conv_norm_and_weighted_sum_units():
                 out = fn(x, a, radix)
                 torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
                 assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_softmax_split_sum_is_the_weighted_sum_in_one_lerp():
+    """Radix 2 with softmax weights (w0 + w1 = 1): one torch.lerp into an output in x's layout, equal to the
+    weighted sum within float rounding; autograd, tracing and mixed dtypes take fused_split_sum."""
+    torch.manual_seed(0)
+    for batch in (1, 2):
+        for channels_last in (False, True):
+            for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+                x = torch.randn(batch, 2 * 6, 5, 7).relu()
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                w = torch.softmax(torch.randn(batch, 2, 6, 1, 1), 1)
+                ref = (x[:, :6].double() * w[:, 0].double() + x[:, 6:].double() * w[:, 1].double())
+                x, w = x.to(dtype), w.to(dtype)
+                out = softmax_split_sum(x, w)
+                assert out.dtype == dtype and out.shape == (batch, 6, 5, 7)
+                assert out.is_contiguous(memory_format=torch.channels_last if channels_last
+                                         else torch.contiguous_format)
+                torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    ops = []
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(1, 12, 5, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.softmax(torch.randn(1, 2, 6, 1, 1), 1)
+    with Ops():
+        softmax_split_sum(x, w)
+    assert "lerp" in ops and "mul" not in ops
+    ops.clear()
+    with Ops():  # autograd: the functional fused_split_sum, gradients as for any weights
+        out = softmax_split_sum(x.clone().requires_grad_(), w)
+    assert "lerp" not in ops and out.requires_grad
+    ops.clear()
+    with Ops():  # weights in another dtype than x (lerp needs one dtype): fused_split_sum
+        softmax_split_sum(x, w.double())
+    assert "lerp" not in ops
+    traced = torch.jit.trace(lambda a, b: softmax_split_sum(a, b), (x, w))
+    assert "lerp" not in str(traced.graph)
+    torch.testing.assert_close(traced(x, w), softmax_split_sum(x, w), atol=1e-6, rtol=1e-6)
+
+
+def test_fused_radix2_attention_runs_one_lerp():
+    """The fused radix-2 split attention (deploy's eager inference) takes softmax_split_sum."""
+    torch.manual_seed(0)
+    trunk = randomize_norms(build_resnest("resnest14d")).eval()
+    fused = fuse_resnest(trunk)
+    names = []
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Ops():
+        fused(torch.randn(1, 3, 64, 64))
+    assert names.count("lerp") == 4 and "addcmul_" not in names  # one per block of resnest14d
 
 
 def test_fuse_model_on_a_container():

@@ -358,7 +358,7 @@ def test_goals_met_and_missed_on_crafted_numbers():
     assert _verdicts(res) == [True, True, True, True, True, True]
     goals = render.goals(res)
     assert goals[0]["measured"] == "100%" and "fast path" in goals[0]["how"]
-    assert goals[1]["measured"] == "1.250" and "jit" in goals[1]["how"]  # ResNet's best fp32 is its jit
+    assert goals[1]["measured"] == "1.2500" and "jit" in goals[1]["how"]  # ResNet's best fp32 is its jit
     # each goal missed in turn: the verdict flips, and the report says NOT MET
     misses = [dict(peak_fp32=250.0),  # 200 / 250 = 80% < 92%
               dict(resnet_jit=700.0),  # 1000 / 700 = 1.43 > 1.25
@@ -372,6 +372,10 @@ def test_goals_met_and_missed_on_crafted_numbers():
         assert verdicts[n] is False and all(v for i, v in enumerate(verdicts) if i != n), (n, verdicts)
         md = render.render_markdown(res)
         assert md.count("| **NOT MET** |") == 1 and md.count("| met |") == 5
+    # a ratio just over the MAC ratio, equal at three decimals: four decimals show why it is not met
+    res = _crafted(resnet_jit=799.8)  # 1000 / 799.8 = 1.25031 > 1.25
+    assert render.goals(res)[1]["measured"] == "1.2503" and render.goals(res)[1]["target"] == "<= MAC ratio 1.2500"
+    assert render.goals(res)[1]["met"] is False
     # the best of ours is the best of all its fp32 entries, its own fast path included, never a bf16 one
     res = _crafted(ours_fast=2000.0)  # now channels_last (1400) is ours' best fp32: 142.9 GFLOP/s, 71%
     assert render.goals(res)[0]["measured"] == "71%" and "channels_last" in render.goals(res)[0]["how"]

@@ -76,9 +76,11 @@ def goals(res: dict) -> List[dict]:
     tr, msr = best(res, ev.get("resnet", {}))
     mac = _ratio(gm.get("resnest"), gm.get("resnet"))
     r2 = _ratio(ms1, msr)
+    # Three decimals, or four where both would print the same (the verdict compares the unrounded values).
+    d2 = 4 if r2 is not None and mac is not None and f"{r2:.3f}" == f"{mac:.3f}" else 3
     add(f"eval {key}: time ours / {_names(res).get('resnet', 'ResNet')}", "<= MAC ratio"
-        + ("" if mac is None else f" {mac:.3f}"), r2, None if r2 is None or mac is None else r2 <= mac,
-        f"best fp32 of each: ours {t1}, ResNet {tr}", lambda v: f"{v:.3f}")
+        + ("" if mac is None else f" {mac:.{d2}f}"), r2, None if r2 is None or mac is None else r2 <= mac,
+        f"best fp32 of each: ours {t1}, ResNet {tr}", lambda v: f"{v:.{d2}f}")
     # 3: Faster R-CNN, both fused + channels_last
     det = res.get("detector", {})
     fused = "fused + channels_last"

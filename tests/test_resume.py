@@ -43,6 +43,14 @@ def _checkpoint_iteration(path):
     return torch.load(path, map_location="cpu", weights_only=True)["iteration"]
 
 
+def _tagged_iteration(out):
+    """The iteration in the name last_checkpoint holds (model_0000007.pth: 7), -1 before there is one. The
+    tag is replaced by a rename, so a read sees a whole name."""
+    tag = out / "last_checkpoint"
+    name = tag.read_text().strip() if tag.exists() else ""
+    return int(name[len("model_"):-len(".pth")]) if name.startswith("model_") and name[6:-4].isdigit() else -1
+
+
 def test_sigkill_then_resume(tmp_path):
     out = tmp_path / "run"
     log = open(tmp_path / "first.log", "w")
@@ -52,11 +60,12 @@ def test_sigkill_then_resume(tmp_path):
     deadline = time.time() + 150
     try:
         while time.time() < deadline and first.poll() is None:
-            if (out / "model_0000007.pth").exists():
+            # the tag, not the file: it is written after the checkpoint's rename and fsyncs
+            if _tagged_iteration(out) >= 7:
                 break
             time.sleep(0.2)
         assert first.poll() is None, open(tmp_path / "first.log").read()[-3000:]
-        assert (out / "model_0000007.pth").exists(), "no checkpoint within the time limit"
+        assert _tagged_iteration(out) >= 7, "no second checkpoint within the time limit"
         time.sleep(0.3)  # let it go on into the next checkpoint period: the kill lands mid-run
         first.send_signal(signal.SIGKILL)
         first.wait(30)

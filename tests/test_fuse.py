@@ -161,6 +161,20 @@ def test_fold_conv_norm_and_weighted_sum_units():
                 assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+def _op_names(fn):
+    """The aten operators fn() runs, by name, in order."""
+    names = []
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        fn()
+    return names
+
+
 def test_softmax_split_sum_is_the_weighted_sum_in_one_lerp():
     """Radix 2 with softmax weights (w0 + w1 = 1): one torch.lerp into an output in x's layout, equal to the
     weighted sum within float rounding; autograd, tracing and mixed dtypes take fused_split_sum."""
@@ -179,26 +193,15 @@ def test_softmax_split_sum_is_the_weighted_sum_in_one_lerp():
                 assert out.is_contiguous(memory_format=torch.channels_last if channels_last
                                          else torch.contiguous_format)
                 torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
-    ops = []
-
-    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     x = torch.randn(1, 12, 5, 7).contiguous(memory_format=torch.channels_last)
     w = torch.softmax(torch.randn(1, 2, 6, 1, 1), 1)
-    with Ops():
-        softmax_split_sum(x, w)
+    ops = _op_names(lambda: softmax_split_sum(x, w))
     assert "lerp" in ops and "mul" not in ops
-    ops.clear()
-    with Ops():  # autograd: the functional fused_split_sum, gradients as for any weights
-        out = softmax_split_sum(x.clone().requires_grad_(), w)
-    assert "lerp" not in ops and out.requires_grad
-    ops.clear()
-    with Ops():  # weights in another dtype than x (lerp needs one dtype): fused_split_sum
-        softmax_split_sum(x, w.double())
-    assert "lerp" not in ops
+    # autograd: the functional fused_split_sum, gradients as for any weights
+    assert "lerp" not in _op_names(lambda: softmax_split_sum(x.clone().requires_grad_(), w))
+    assert softmax_split_sum(x.clone().requires_grad_(), w).requires_grad
+    # weights in another dtype than x (lerp needs one dtype): fused_split_sum
+    assert "lerp" not in _op_names(lambda: softmax_split_sum(x, w.double()))
     traced = torch.jit.trace(lambda a, b: softmax_split_sum(a, b), (x, w))
     assert "lerp" not in str(traced.graph)
     torch.testing.assert_close(traced(x, w), softmax_split_sum(x, w), atol=1e-6, rtol=1e-6)
@@ -209,15 +212,8 @@ def test_fused_radix2_attention_runs_one_lerp():
     torch.manual_seed(0)
     trunk = randomize_norms(build_resnest("resnest14d")).eval()
     fused = fuse_resnest(trunk)
-    names = []
-
-    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Ops():
-        fused(torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        names = _op_names(lambda: fused(torch.randn(1, 3, 64, 64)))
     assert names.count("lerp") == 4 and "addcmul_" not in names  # one per block of resnest14d
 
 

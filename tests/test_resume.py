@@ -48,7 +48,8 @@ def _tagged_iteration(out):
     tag is replaced by a rename, so a read sees a whole name."""
     tag = out / "last_checkpoint"
     name = tag.read_text().strip() if tag.exists() else ""
-    return int(name[len("model_"):-len(".pth")]) if name.startswith("model_") and name[6:-4].isdigit() else -1
+    number = name[len("model_"):-len(".pth")] if name.startswith("model_") and name.endswith(".pth") else ""
+    return int(number) if number.isdigit() else -1
 
 
 def test_sigkill_then_resume(tmp_path):

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .deform import DeformConv2d
-from .split_attention import SplitAttentionConv2d, rsoftmax, split_sum
+from .split_attention import SplitAttentionConv2d, rsoftmax, split_output, split_sum
 from .trunk import STAGE_MODULES, Bottleneck, ResNeSt
 
 __all__ = ["AUTOCAST_DTYPES", "FP32_HEADS", "FusedBottleneck", "FusedConvReLU", "FusedSplitAttention",
@@ -227,20 +227,14 @@ def softmax_split_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Radix 2 with rSoftMax's split weights (B, 2, C, 1, 1), which sum to 1 per channel: w0 * x0 + w1 * x1 =
     x0 + w1 * (x1 - x0), one torch.lerp into a preallocated output in `x`'s layout. Each split is read once
     and the output written once; fused_split_sum's multiply then fused multiply-add writes the output twice
-    and reads it once more (26-43% less time for the weighted sum, by size, 2 threads here, 2026-12-02). It rounds differently
-    again, by about 1e-7 relative (w0 is taken as 1 - w1). Autograd, tracing / export, scripting and mixed
+    and reads it once more (26-43% less time for the weighted sum, by size, 2 threads here, 2026-12-02).
+    It rounds differently again, by about 1e-7 relative (w0 is taken as 1 - w1). Autograd, tracing / export, scripting and mixed
     dtypes take fused_split_sum (valid for any weights), and so does torch.compile (which fuses either)."""
     if (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or x.requires_grad
             or weights.requires_grad or weights.dtype != x.dtype):
         return split_sum(x, 2, weights, fma=True)
-    batch, height, width = x.size(0), x.size(2), x.size(3)
-    splits = x.view(batch, 2, x.size(1) // 2, height, width)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    # An explicit output, as in split_sum(fma=True): at batch 1 a result of the split views would get odd
-    # strides that pooling / conv layers read as NCHW and copy.
-    out = torch.empty([batch, x.size(1) // 2, height, width], dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return torch.lerp(splits[:, 0], splits[:, 1], weights[:, 1], out=out)
+    splits = x.view(x.size(0), 2, x.size(1) // 2, x.size(2), x.size(3))
+    return torch.lerp(splits[:, 0], splits[:, 1], weights[:, 1], out=split_output(x, 2))
 
 
 class FusedSplitAttention(nn.Module):

@@ -172,15 +172,12 @@ def split_sum(x: torch.Tensor, radix: int, attention: Optional[torch.Tensor] = N
     """
     batch, height, width = x.size(0), x.size(2), x.size(3)
     channels = x.size(1) // radix
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = _channels_last(x)
     if attention is not None and fma and radix == 2:
         splits = x.view(batch, 2, channels, height, width)
         if torch.jit.is_tracing() or x.requires_grad:  # export / autograd: functional ops only
             return torch.addcmul(splits[:, 0] * attention[:, 0], splits[:, 1], attention[:, 1])
-        # An explicit output: a product of the split views gets odd strides at batch 1 (the batch stride
-        # of a channels_last view is C), which pooling / conv layers then read as NCHW and copy.
-        out = torch.empty([batch, channels, height, width], dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        out = split_output(x, radix)
         torch.mul(splits[:, 0], attention[:, 0], out=out)
         return out.addcmul_(splits[:, 1], attention[:, 1])
     if channels_last and torch.compiler.is_compiling():
@@ -202,6 +199,20 @@ def split_sum(x: torch.Tensor, radix: int, attention: Optional[torch.Tensor] = N
         if radix == 2 and not (x.requires_grad or attention.requires_grad):
             return splits[:, 0] * attention[:, 0] + splits[:, 1] * attention[:, 1]
         return (splits * attention).sum(1)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def split_output(x: torch.Tensor, radix: int) -> torch.Tensor:
+    """An empty (B, C, H, W) tensor for the weighted sum of the radix splits of `x` (B, radix*C, H, W), in
+    x's layout (channels_last or contiguous). An explicit output, because a product of the split views gets
+    odd strides at batch 1 (the batch stride of a channels_last view is C), which pooling / conv layers
+    then read as NCHW and copy."""
+    channels_last = _channels_last(x)
+    return torch.empty([x.size(0), x.size(1) // radix, x.size(2), x.size(3)], dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 # A leaf for torch.fx: symbolic tracing (int8 FX quantization) records split_sum as one call instead of

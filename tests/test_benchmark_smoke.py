@@ -159,6 +159,48 @@ def test_training_pairs_and_layouts():
     assert [t.name for t in treatments.menu("train", compile_=False)] == ["eager", "channels_last"]
 
 
+class _Outputs(nn.Module):
+    """Two 4-d outputs and a 2-d one, each used by the loss only; records the gradient each one gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.seen = {}
+
+    def forward(self, x):
+        c2 = torch.relu(self.b(x))
+        outs = {"c1": torch.relu(self.a(x)), "c2": c2, "flat": c2.mean((2, 3))}
+        for name, o in outs.items():
+            o.register_hook(lambda g, name=name: self.seen.__setitem__(name, g))
+        return outs
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_train_step_hands_each_output_its_gradient_in_its_layout(channels_last):
+    """The training step's loss is the sum of the outputs' means, and its backward hands each 4-d output
+    a dense gradient laid out like the output (channels_last for a channels_last model, as a layer after the
+    trunk hands it back), not the contiguous one of `out.mean()` (checked here too, as the control). The
+    gradients' values are those of the plain means'."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    model = _Outputs().to(memory_format=fmt)
+    x = torch.randn(2, 3, 12, 10).contiguous(memory_format=fmt)
+    measure.train_step(model, x)
+    ours = {k: v.clone() for k, v in model.seen.items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    sum(o.float().mean() for o in model(x).values()).backward()  # the plain means
+    for name in ("c1", "c2"):
+        assert ours[name].is_contiguous(memory_format=fmt), name
+        assert ours[name].stride().count(0) == 0  # dense, as a layer's backward makes it
+        torch.testing.assert_close(ours[name], model.seen[name], rtol=0, atol=1e-12)
+        if channels_last:  # the control: the plain mean's gradient is NCHW
+            assert not model.seen[name].is_contiguous(memory_format=fmt), name
+    torch.testing.assert_close(ours["flat"], model.seen["flat"], rtol=0, atol=0)
+    for mine, plain in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(mine, plain, rtol=1e-5, atol=1e-7)
+
+
 def test_rel_err():
     a = {"res2": torch.ones(2, 2), "res3": torch.full((3,), 4.0)}
     b = {"res2": torch.ones(2, 2), "res3": torch.tensor([4.0, 4.0, 3.0])}

@@ -3,7 +3,8 @@
   interleaved  ms per round of several callables timed in interleaved rounds (A B C A B C ...), so that
                drifts in machine load hit all of them alike, after warm-up rounds (the report gives medians)
   eval_step    one forward pass (eval mode is the caller's) under torch.no_grad()
-  train_step   one training step: forward + backward of the sum of the outputs' means
+  train_step   one training step: forward + backward of the sum of the outputs' means (each output's
+               gradient in that output's memory format, as a layer after the trunk hands it back)
   measure_peak peak memory of the tensors allocated during a step (on CPU, counted by a dispatch-mode tracker
                over tensor storages; on CUDA, torch.cuda.max_memory_allocated), above what existed before it
   count_gmacs  multiply-adds of the architecture (fvcore; it reports a multiply-add as one "flop")
@@ -98,8 +99,32 @@ def eval_step(model: Callable, x):
         return model(x)
 
 
+class _MeanInLayout(torch.autograd.Function):
+    """out.mean() whose backward hands `out` its gradient (the same values as the mean's own backward) as a
+    dense tensor laid out like `out`: channels_last for a channels_last output, as a layer after the trunk
+    hands it back (a detector's FPN convolutions). The mean's own backward makes a contiguous (NCHW) tensor
+    whatever out's layout: a channels_last trunk then adds it to the channels_last gradient of the next stage
+    with a layout-converting add, twice per stage output (its first block's conv1 and shortcut), and its last
+    ReLU's backward mixes the two layouts too: a cost that a detector's training does not have, paid by
+    every channels_last implementation in the comparison."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor) -> torch.Tensor:
+        ctx.shape, ctx.dtype, ctx.device = out.shape, out.dtype, out.device
+        ctx.channels_last = (out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last)
+                             and not out.is_contiguous())
+        return out.mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        dense = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=fmt)
+        return dense.copy_((grad / dense.numel()).expand(ctx.shape))
+
+
 def train_step(model: Callable, x: torch.Tensor) -> None:
-    loss = sum(o.float().mean() for o in _outputs(model(x)))
+    """Forward, then backward of the sum of the outputs' means (in float32; _MeanInLayout)."""
+    loss = sum(_MeanInLayout.apply(o.float()) for o in _outputs(model(x)))
     loss.backward()
 
 

@@ -217,6 +217,47 @@ def test_fused_radix2_attention_runs_one_lerp():
     assert names.count("lerp") == 4 and "addcmul_" not in names  # one per block of resnest14d
 
 
+def test_fused_avd_pool_runs_before_the_weighted_sum():
+    """In the oneDNN path, a stride-2 block's avd average pool runs on the splits, before the weighted sum
+    (forward_pooled), which then works at the pooled size; the output equals the plain order's within float
+    rounding, for fp32 and bf16, NCHW and channels_last."""
+    torch.manual_seed(0)
+    trunk = randomize_norms(build_resnest("resnest14d")).eval()
+    fused = fuse_resnest(trunk)
+    pooled = [b for layer in (fused.layer2, fused.layer3, fused.layer4) for b in layer if b.pool_after is not None]
+    assert len(pooled) == 3 and all(b.conv2.pools_before_sum(b.pool_after) for b in pooled)
+    x = torch.randn(2, 3, 64, 96)
+    sizes = []
+
+    class Lerps(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "lerp":
+                sizes.append(tuple(args[0].shape[2:]))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        ref = trunk(x)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = fused.to(memory_format=fmt)
+        sizes.clear()
+        with torch.no_grad(), Lerps():
+            out = model(x.contiguous(memory_format=fmt))
+        # layer1 (stride 1) at 16x24; layer2..4's sums at their pooled size (the plain order: 16x24, 16x24,
+        # 8x12, 4x6)
+        assert sizes == [(16, 24), (8, 12), (4, 6), (2, 3)]
+        for name in ref:
+            assert (out[name] - ref[name]).abs().max().item() <= 1e-5 * ref[name].abs().max().item(), name
+        for block in pooled:  # the pooled order against the plain one, block by block
+            mid = torch.relu(block.conv1(torch.randn(2, block.conv1.in_channels, 32, 48).contiguous(memory_format=fmt)))
+            for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 2e-2)):
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    a = block.conv2.forward_pooled(mid, block.pool_after)
+                    b = block.pool_after(block.conv2(mid))
+                assert a.dtype == b.dtype == dtype and a.shape == b.shape == (2, block.conv2.channels, 16, 24)
+                assert a.is_contiguous(memory_format=fmt)
+                assert (a.float() - b.float()).abs().max().item() <= tol * b.float().abs().max().item()
+
+
 def test_fuse_model_on_a_container():
     torch.manual_seed(0)
     trunk = randomize_norms(build_resnest("resnest14d", out_features=("res5",)))

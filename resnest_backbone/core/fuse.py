@@ -263,10 +263,7 @@ class FusedSplitAttention(nn.Module):
             if not torch.jit.is_scripting():
                 fused = self.onednn_conv_relu(x)
             x = F.relu(self.norm0(self.conv(x)), inplace=True) if fused is None else fused
-        gap = x.mean((2, 3), keepdim=True)
-        if self.radix > 1:
-            gap = split_sum(gap, self.radix)
-        attention = self.fc2(F.relu(self.norm1(self.fc1(gap)), inplace=True))
+        attention = self.attention(x)
         if self.radix == 2:  # fc2's rows are radix-major here: rSoftMax of one group
             return softmax_split_sum(x, rsoftmax(attention, 2, 1))
         if self.radix > 1:
@@ -274,6 +271,33 @@ class FusedSplitAttention(nn.Module):
         if x.requires_grad:
             return x * torch.sigmoid(attention)
         return x.mul_(torch.sigmoid(attention))  # radix 1: a gate, in place on the conv output
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """fc2's output (radix-major rows) from the split conv's output x (after its ReLU): the attention MLP
+        on the global context, the spatial mean of the sum of the splits."""
+        gap = x.mean((2, 3), keepdim=True)
+        if self.radix > 1:
+            gap = split_sum(gap, self.radix)
+        return self.fc2(F.relu(self.norm1(self.fc1(gap)), inplace=True))
+
+    @torch.jit.unused
+    def pools_before_sum(self, pool: nn.Module) -> bool:
+        """Whether forward_pooled can take `pool` (the block's avd pool after this conv): radix 2, and an
+        average pool, which is linear and the same for every channel, so it commutes with the weighted
+        sum of the splits (their weights are constant over the image)."""
+        return self.radix == 2 and not self.deformable and type(pool) is nn.AvgPool2d
+
+    @torch.jit.unused
+    def forward_pooled(self, x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
+        """pool(forward(x)) for pools_before_sum(pool), in the other order: the attention from the split
+        conv's output, then the pool on the (B, 2C, H, W) splits and the weighted sum at the pooled size
+        (a stride-2 avd pool: a quarter of the pixels). The sum reads the splits once at the small size instead
+        of at the large one and writes a quarter of its output; the pool reads the splits once at the large
+        size instead of the sum's output, and writes twice as many channels at the small one. Equal to
+        pool(forward(x)) within float rounding (about 1e-7 relative)."""
+        fused = self.onednn_conv_relu(x)
+        x = F.relu(self.norm0(self.conv(x)), inplace=True) if fused is None else fused
+        return softmax_split_sum(pool(x), rsoftmax(self.attention(x), 2, 1))
 
     @torch.jit.unused
     def onednn_conv_relu(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -358,16 +382,20 @@ class FusedBottleneck(nn.Module):
 
     @torch.jit.unused
     def forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
-        """forward() with conv1 + ReLU, conv2 + ReLU and conv3 + residual add + ReLU each one oneDNN call.
+        """forward() with conv1 + ReLU, conv2 + ReLU and conv3 + residual add + ReLU each one oneDNN call,
+        and a radix-2 split attention's avd pool taken before the weighted sum (forward_pooled).
         The sum is written into the shortcut when that is a tensor of this block's own (the downsample's
         output) or, with `overwrite_input` (set by fuse_resnest for the blocks after the first of a stage,
         whose input is the previous block's output and used nowhere else), into the input itself."""
         out = _conv_relu(self.conv1, x)
         if self.pool_before is not None:
             out = self.pool_before(out)
-        out = _conv_relu(self.conv2, out) if self.norm2 is not None else self.conv2(out)
-        if self.pool_after is not None:
-            out = self.pool_after(out)
+        if self.pool_after is not None and self.norm2 is None and self.conv2.pools_before_sum(self.pool_after):
+            out = self.conv2.forward_pooled(out, self.pool_after)
+        else:
+            out = _conv_relu(self.conv2, out) if self.norm2 is not None else self.conv2(out)
+            if self.pool_after is not None:
+                out = self.pool_after(out)
         if self.downsample is not None:
             shortcut = self.downsample(x)
             inplace = shortcut.data_ptr() != x.data_ptr()

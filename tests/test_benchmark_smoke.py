@@ -94,6 +94,7 @@ def test_benchmark_smoke(tmp_path):
     for i in bb["implementations"]:
         assert f"| {i['name']} |" in md
     assert "## Goals (issue 12)" in md and "## Machine limit: matmul and convolution peak" in md
+    assert f"Loss: {measure.TRAIN_LOSS}." in md  # what the training steps backpropagate, from the JSON
     assert "| dtype | mm 128x128 | mm 256x256 | conv 3x3 32->32 @32x32 | peak |" in md
     assert md.count("| met |") + md.count("| **NOT MET** |") + md.count("| not measured |") == 6
     if saved.get("detector"):

@@ -39,7 +39,7 @@ logger = logging.getLogger("resnest.benchmark")
 
 __all__ = ["CONV_SHAPES", "MATMUL_DTYPES", "PeakTensorMemory", "conv_bound", "conv_rate", "count_gmacs", "cpu_flags",
            "environment", "eval_step", "interleaved", "load_average", "matmul_peak", "matmul_rate", "measure_peak",
-           "median", "op_breakdown", "steady_allocator", "train_step", "try_call"]
+           "median", "op_breakdown", "steady_allocator", "TRAIN_LOSS", "train_step", "try_call"]
 
 
 class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
@@ -120,6 +120,10 @@ class _MeanInLayout(torch.autograd.Function):
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         dense = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=fmt)
         return dense.copy_((grad / dense.numel()).expand(ctx.shape))
+
+
+TRAIN_LOSS = ("the sum of the outputs' means (float32); each output gets its gradient in its own memory format, "
+              "as a layer after the trunk (a detector's FPN) hands it back")
 
 
 def train_step(model: Callable, x: torch.Tensor) -> None:

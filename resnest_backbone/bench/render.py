@@ -309,8 +309,10 @@ def _train_section(res: dict, fails: _Failures) -> List[str]:
     bb = res["backbone"]
     names = _names(res)
     cols = _columns(res, "train")
-    lines = ["## Training step: forward + backward (ms, median; peak tensor MiB)", "",
-             "| workload | implementation | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    lines = ["## Training step: forward + backward (ms, median; peak tensor MiB)", ""]
+    if bb.get("train_loss"):
+        lines += [f"Loss: {bb['train_loss']}.", ""]
+    lines += ["| workload | implementation | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for w, per in bb["train"].items():
         for role, entries in per.items():
             cells = []

@@ -42,7 +42,8 @@ from ..core import build_resnest
 from .candidates import (Implementation, Stages, Workload, backbone_implementations, detector_implementations,
                          torchvision_resnet)
 from .measure import (conv_bound, count_gmacs, environment, eval_step, interleaved, load_average, matmul_peak,
-                      measure_peak, median, op_breakdown, steady_allocator, train_step, try_call)
+                      measure_peak, median, op_breakdown, steady_allocator, TRAIN_LOSS, train_step,
+                      try_call)
 from .treatments import DETECTOR_MENU, Treatment, menu
 
 logger = logging.getLogger("resnest.benchmark")
@@ -157,7 +158,7 @@ def run_backbones(variant: str, eval_loads: Sequence[Workload], train_loads: Seq
     impls = implementations if implementations is not None else backbone_implementations(variant, compile_)
     res: dict = {"implementations": [{"role": i.role, "name": i.name, "arch": i.arch, "own": [t.name for t in i.own]}
                                      for i in impls],
-                 "gmacs": {}, "eval": {}, "train": {},
+                 "gmacs": {}, "eval": {}, "train": {}, "train_loss": TRAIN_LOSS,
                  "key_eval": eval_loads[-1].label if eval_loads else None,
                  "key_train": train_loads[-1].label if train_loads else None}
     # Multiply-adds: one count per architecture and eval workload (the implementations do the same arithmetic).

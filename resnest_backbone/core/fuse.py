@@ -227,8 +227,9 @@ def softmax_split_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Radix 2 with rSoftMax's split weights (B, 2, C, 1, 1), which sum to 1 per channel: w0 * x0 + w1 * x1 =
     x0 + w1 * (x1 - x0), one torch.lerp into a preallocated output in `x`'s layout. Each split is read once
     and the output written once; fused_split_sum's multiply then fused multiply-add writes the output twice
-    and reads it once more. It rounds differently again, by about 1e-7 relative (w0 is taken as 1 - w1). Autograd, tracing / export, scripting and mixed
-    dtypes take fused_split_sum (valid for any weights), and so does torch.compile (which fuses either)."""
+    and reads it once more. It rounds differently again, by about 1e-7 relative (w0 is taken as 1 - w1).
+    Autograd, tracing / export, scripting and mixed dtypes take fused_split_sum (valid for any weights), and
+    so does torch.compile (which fuses either)."""
     if (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or x.requires_grad
             or weights.requires_grad or weights.dtype != x.dtype):
         return split_sum(x, 2, weights, fma=True)

@@ -161,18 +161,24 @@ def test_fold_conv_norm_and_weighted_sum_units():
                 assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-def _op_names(fn):
-    """The aten operators fn() runs, by name, in order."""
-    names = []
+def _ops(fn):
+    """The aten operators fn() runs, in order: (name, shape of the first argument, None if not a tensor)."""
+    ops = []
 
     class Ops(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            names.append(func.overloadpacket.__name__)
+            first = args[0] if args else None
+            ops.append((func.overloadpacket.__name__, tuple(first.shape) if isinstance(first, torch.Tensor) else None))
             return func(*args, **(kwargs or {}))
 
     with Ops():
         fn()
-    return names
+    return ops
+
+
+def _op_names(fn):
+    """The aten operators fn() runs, by name, in order."""
+    return [name for name, _ in _ops(fn)]
 
 
 def test_softmax_split_sum_is_the_weighted_sum_in_one_lerp():
@@ -227,24 +233,17 @@ def test_fused_avd_pool_runs_before_the_weighted_sum():
     pooled = [b for layer in (fused.layer2, fused.layer3, fused.layer4) for b in layer if b.pool_after is not None]
     assert len(pooled) == 3 and all(b.conv2.pools_before_sum(b.pool_after) for b in pooled)
     x = torch.randn(2, 3, 64, 96)
-    sizes = []
-
-    class Lerps(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket.__name__ == "lerp":
-                sizes.append(tuple(args[0].shape[2:]))
-            return func(*args, **(kwargs or {}))
-
     with torch.no_grad():
         ref = trunk(x)
     for fmt in (torch.contiguous_format, torch.channels_last):
         model = fused.to(memory_format=fmt)
-        sizes.clear()
-        with torch.no_grad(), Lerps():
-            out = model(x.contiguous(memory_format=fmt))
+        outs = []
+        with torch.no_grad():
+            ops = _ops(lambda: outs.append(model(x.contiguous(memory_format=fmt))))
+        out = outs[0]
         # layer1 (stride 1) at 16x24; layer2..4's sums at their pooled size (the plain order: 16x24, 16x24,
         # 8x12, 4x6)
-        assert sizes == [(16, 24), (8, 12), (4, 6), (2, 3)]
+        assert [shape[2:] for name, shape in ops if name == "lerp"] == [(16, 24), (8, 12), (4, 6), (2, 3)]
         for name in ref:
             assert (out[name] - ref[name]).abs().max().item() <= 1e-5 * ref[name].abs().max().item(), name
         for block in pooled:  # the pooled order against the plain one, block by block

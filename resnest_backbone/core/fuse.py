@@ -260,10 +260,7 @@ class FusedSplitAttention(nn.Module):
                 raise ValueError("a deformable split-attention conv needs the offset conv's output")
             x = F.relu(self.norm0(self.conv(x, offset)), inplace=True)
         else:
-            fused: Optional[torch.Tensor] = None
-            if not torch.jit.is_scripting():
-                fused = self.onednn_conv_relu(x)
-            x = F.relu(self.norm0(self.conv(x)), inplace=True) if fused is None else fused
+            x = self.conv_relu(x)
         attention = self.attention(x)
         if self.radix == 2:  # fc2's rows are radix-major here: rSoftMax of one group
             return softmax_split_sum(x, rsoftmax(attention, 2, 1))
@@ -272,6 +269,13 @@ class FusedSplitAttention(nn.Module):
         if x.requires_grad:
             return x * torch.sigmoid(attention)
         return x.mul_(torch.sigmoid(attention))  # radix 1: a gate, in place on the conv output
+
+    def conv_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(norm0(conv(x))) of the plain (not deformable) split conv: one oneDNN call where it applies."""
+        fused: Optional[torch.Tensor] = None
+        if not torch.jit.is_scripting():
+            fused = self.onednn_conv_relu(x)
+        return F.relu(self.norm0(self.conv(x)), inplace=True) if fused is None else fused
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """fc2's output (radix-major rows) from the split conv's output x (after its ReLU): the attention MLP
@@ -296,8 +300,7 @@ class FusedSplitAttention(nn.Module):
         of at the large one and writes a quarter of its output; the pool reads the splits once at the large
         size instead of the sum's output, and writes twice as many channels at the small one. Equal to
         pool(forward(x)) within float rounding (about 1e-7 relative)."""
-        fused = self.onednn_conv_relu(x)
-        x = F.relu(self.norm0(self.conv(x)), inplace=True) if fused is None else fused
+        x = self.conv_relu(x)
         return softmax_split_sum(pool(x), rsoftmax(self.attention(x), 2, 1))
 
     @torch.jit.unused

@@ -214,13 +214,15 @@ def test_model_builders_mirror_torchvision():
     assert [type(m) for m in (ours.rpn.head, ours.roi_heads.box_head, ours.roi_heads.box_predictor)] == \
         [type(m) for m in (theirs.rpn.head, theirs.roi_heads.box_head, theirs.roi_heads.box_predictor)]
 
-    # DeepLabV3: output stride 8 by the same dilations (per stage, first block at half), the same outputs.
-    ours = deeplabv3_resnest("resnest14d", num_classes=5, aux_loss=True).eval()
+    # DeepLabV3: output stride 8 by the same dilations (per stage: the first block at half, the others full;
+    # resnest26d has two blocks per stage) and strides, the same outputs.
+    ours = deeplabv3_resnest("resnest26d", num_classes=5, aux_loss=True).eval()
     theirs = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=5, aux_loss=True).eval()
     for stage in ("layer1", "layer2", "layer3", "layer4"):
-        first = getattr(ours.backbone, stage)[0]
-        assert first.conv2.conv.dilation == getattr(theirs.backbone, stage)[0].conv2.dilation, stage
-    assert [s for s in ours.backbone.arch["dilations"]] == [1, 1, 2, 4]
+        for block in (0, 1):
+            conv, ref = getattr(ours.backbone, stage)[block].conv2.conv, getattr(theirs.backbone, stage)[block].conv2
+            assert conv.dilation == ref.dilation, (stage, block)
+    assert ours.backbone.output_strides() == {"res4": 8, "res5": 8}
     x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         out, ref = ours.backbone(x), theirs.backbone(x)

@@ -1,7 +1,7 @@
 """detectron2 main's changes since the snapshot of CI's second line, reproduced and run against the plugin.
 
 CI's second detectron2 line, sal-detectron2==0.7.2, packages upstream main as of a59f0563 (2024-04-17; its
-sources differ from that commit only by the version and two small fixes). CI cannot fetch upstream, so each
+sources differ from that commit only by the version string and two small patches). CI cannot fetch upstream, so each
 later change of main that the plugin depends on is reproduced here, quoting upstream's lines and commit, and
 checked on whichever detectron2 line runs the suite. Read up to 02b5c4e (2026-06-06); no test needed:
 - e8806d60, bce6d726 (build_batch_data_loader's prefetch_factor / persistent_workers / pin_memory): the

@@ -144,6 +144,12 @@ class Record(HookBase):
         with open(os.environ["RESUME_RECORD"], "a") as f:
             f.write(json.dumps(row) + "\\n")
 
+if os.environ.get("RESUME_MAINS_SAMPLERS") == "1":  # detectron2 main's sampler construction (b1c43ffb)
+    import detectron2.data.build
+    sys.path.insert(0, os.path.join({repo!r}, "tests"))
+    from test_upstream_main import use_mains_samplers
+    use_mains_samplers(detectron2.data.build)
+
 build_hooks = train.Trainer.build_hooks
 train.Trainer.build_hooks = lambda self: [Record()] + build_hooks(self)
 train.Trainer.exact_resume = os.environ.get("RESUME_EXACT", "1") == "1"
@@ -156,29 +162,33 @@ EXACT_OPTS = ["SOLVER.MAX_ITER", str(EXACT_ITERS), "SOLVER.CHECKPOINT_PERIOD", s
               "DATASETS.TEST", "()", "INPUT.MIN_SIZE_TRAIN", "(56, 64)"]
 
 
-def _recorded_run(tmp_path, out, name, *extra, kill_at=None, exact=True, opts=()):
+def _recorded_run(tmp_path, out, name, *extra, kill_at=None, exact=True, opts=(), mains_samplers=False):
     script = tmp_path / "recorded_train_net.py"
     script.write_text(RECORDER.format(repo=REPO, train_net=os.path.join(REPO, "tools", "train_net.py")))
-    env = dict(_env(), RESUME_RECORD=str(tmp_path / f"{name}.jsonl"), RESUME_EXACT="1" if exact else "0")
+    env = dict(_env(), RESUME_RECORD=str(tmp_path / f"{name}.jsonl"), RESUME_EXACT="1" if exact else "0",
+               RESUME_MAINS_SAMPLERS="1" if mains_samplers else "0")
     if kill_at is not None:
         env["RESUME_KILL_AT"] = str(kill_at)
     cmd = [sys.executable, str(script), "--config-file", CONFIG, *extra, *TINY, *EXACT_OPTS, *opts,
            "OUTPUT_DIR", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=300)
+    assert (tmp_path / f"{name}.jsonl").exists(), proc.stdout[-3000:]  # no step ran
     rows = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
     return proc, rows
 
 
-def _killed_and_resumed(tmp_path, name, exact=True, opts=()):
+def _killed_and_resumed(tmp_path, name, exact=True, opts=(), mains_samplers=False):
     """Run B: killed at the start of iteration EXACT_KILL_AT, then --resume to the same MAX_ITER."""
     out = tmp_path / name
-    killed, before = _recorded_run(tmp_path, out, f"{name}_1", kill_at=EXACT_KILL_AT, exact=exact, opts=opts)
+    killed, before = _recorded_run(tmp_path, out, f"{name}_1", kill_at=EXACT_KILL_AT, exact=exact, opts=opts,
+                                   mains_samplers=mains_samplers)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     assert not (out / "model_final.pth").exists()
     last = (out / "last_checkpoint").read_text().strip()
     saved = _checkpoint_iteration(out / last)
-    resumed, after = _recorded_run(tmp_path, out, f"{name}_2", "--resume", exact=exact, opts=opts)
+    resumed, after = _recorded_run(tmp_path, out, f"{name}_2", "--resume", exact=exact, opts=opts,
+                                   mains_samplers=mains_samplers)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     return out, saved, before, after, resumed.stdout
 
@@ -228,11 +238,15 @@ def test_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in history] == [r["loss"] for r in rows_a]
 
 
-def test_resume_without_a_fixed_seed_redoes_the_lost_iterations_exactly(tmp_path):
+@pytest.mark.parametrize("mains_samplers", [False, True], ids=["installed", "main"])
+def test_resume_without_a_fixed_seed_redoes_the_lost_iterations_exactly(tmp_path, mains_samplers):
     """SEED -1 (detectron2's default: a random seed per run): the seed drawn by the killed run and its
     sampler's seed are in the checkpoint, so the resumed run redoes the iterations lost with the kill (8 and
-    9) on the same data with the same loss, although it starts with a seed of its own."""
-    out, saved, before, after, log = _killed_and_resumed(tmp_path, "b", opts=["SEED", "-1"])
+    9) on the same data with the same loss, although it starts with a seed of its own. "main": the training
+    sampler built as detectron2 main builds it since b1c43ffb, TrainingSampler(len(dataset), seed=cfg.SEED)
+    (tests/test_upstream_main.py: mains_sampler), so its seed is -1."""
+    out, saved, before, after, log = _killed_and_resumed(tmp_path, "b", opts=["SEED", "-1"],
+                                                         mains_samplers=mains_samplers)
     assert saved == 7 and f"Starting training from iteration {saved + 1}" in log
     assert [r["iter"] for r in after] == list(range(saved + 1, EXACT_ITERS))
     lost = [r for r in before if r["iter"] > saved]
@@ -242,6 +256,8 @@ def test_resume_without_a_fixed_seed_redoes_the_lost_iterations_exactly(tmp_path
                          for name in ("model_final.pth", "model_0000007.pth"))
     assert final["seed"] == checkpoint["seed"]
     assert final["data"][0]["train"]["seed"] == checkpoint["data"][0]["train"]["seed"]
+    if mains_samplers:  # the sampler's -1 is the data stream's seed; the steps' seed is drawn
+        assert checkpoint["data"][0]["train"]["seed"] == -1 and checkpoint["seed"] >= 0
 
 def test_train_loader_resumes_mid_stream_with_held_back_images():
     """The data stream alone, no training: a ResumableTrainLoader restored from another's state_dict (after a

@@ -95,9 +95,11 @@ class ResumableTrainLoader:
     whose position is saved with `state_dict()` and restored with `load_state_dict()`.
 
     dataset: list of dataset dicts or a map-style dataset; sampler: an infinite, seeded index sampler
-    (detectron2's TrainingSampler, RepeatFactorTrainingSampler, ...: a `_seed` attribute is saved and
-    restored); total_batch_size: over all processes; aspect_ratio_grouping: detectron2's two buckets
-    (width > height or not); num_workers: DataLoader workers (the batches do not depend on it)."""
+    (detectron2's TrainingSampler, RepeatFactorTrainingSampler, ...); total_batch_size: over all processes;
+    aspect_ratio_grouping: detectron2's two buckets (width > height or not); num_workers: DataLoader workers
+    (the batches do not depend on it); seed: any int, default the sampler's `_seed` (detectron2 main builds
+    its samplers with seed=cfg.SEED: -1 by default), drawn (the same in every process) when that is None.
+    The seed is saved, restored, and written to the sampler's `_seed`, so its order is drawn from it too."""
 
     def __init__(self, dataset, mapper, sampler, total_batch_size: int, *, aspect_ratio_grouping: bool = True,
                  num_workers: int = 0, seed: Optional[int] = None):
@@ -117,6 +119,8 @@ class ResumableTrainLoader:
         if seed is None:
             seed = getattr(sampler, "_seed", None)
         self.seed = int(seed if seed is not None else comm.shared_random_seed())
+        if hasattr(sampler, "_seed"):
+            sampler._seed = self.seed
         self.rank = comm.get_rank()
         self._next = 0  # first stream position not yet read into a batch or a bucket
         self._pending: List[int] = []  # positions read into an aspect-ratio bucket, not yet in a batch
@@ -149,7 +153,7 @@ class ResumableTrainLoader:
             sampler=_Positions(self.sampler, self._next, self._pending), batch_size=None,
             num_workers=self.num_workers, collate_fn=_as_is, worker_init_fn=worker_init_reset_seed,
             # its own generator: starting the loader leaves torch's global RNG alone
-            generator=torch.Generator().manual_seed(torch_seed(mix_seed(self.seed, self.rank, LOADER))))
+            generator=torch.Generator().manual_seed(torch_seed(mix_seed(self.seed, self.rank, 0, LOADER))))
         buckets = [[], []]
         for position, data in loader:
             bucket = buckets[self._bucket(data)]

@@ -48,7 +48,9 @@ def torch_seed(words: np.ndarray) -> int:
 
 def _seed_globals(words: np.ndarray, all_devices: bool) -> None:
     np.random.seed(words)
-    random.seed(int.from_bytes(words.tobytes(), "little"))
+    # bytes, not the same int: random.seed(int) would fill the Mersenne Twister from the same words as numpy
+    # and draw the same numbers (random.seed(bytes) hashes them with sha512 first)
+    random.seed(words.tobytes())
     if all_devices:
         torch.manual_seed(torch_seed(words))  # CPU and every CUDA device
     else:

@@ -190,6 +190,7 @@ def test_predictor_kept_fp32(monkeypatch):
     register_fp32_heads({Predictor: ("",)})
     assert fp32_heads(model) == ["1"]
     register_fp32_heads({"Predictor": ("cls_score", "no_such_layer")})
+    register_fp32_heads({"Predictor": ("other_frameworks_layer",)})  # a shared class name adds, not replaces
     assert fp32_heads(nn.Sequential(Head())) == ["0", "0.cls_score"]
     x = torch.randn(2, 4)
     with torch.no_grad():
@@ -280,14 +281,16 @@ AVX2 = {"cpu_name": "AMD EPYC", "avx2": True, "avx512_f": False, "avx512_bf16": 
 
 
 def test_slower_than_fp32_from_the_cpu_flags():
-    """bf16 without native bf16 instructions (neither AMX nor AVX-512 BF16) is named slower than fp32, with
-    the CPU's flags; with either, or for another dtype, nothing is said."""
+    """bf16 without native bf16 instructions (neither AMX nor AVX-512 BF16), fp16 without native fp16 ones, is
+    named slower than fp32, with the CPU's flags; with them, or for float32, nothing is said."""
     said = slower_than_fp32(torch.bfloat16, AVX2)
-    assert said and "AMD EPYC: avx2)" in said and "slower than float32" in said
-    assert "avx512_f avx512_vnni)" in slower_than_fp32(torch.bfloat16, {**AVX2, "avx2": False, "avx512_f": True,
-                                                                       "avx512_vnni": True, "cpu_name": "Xeon"})
-    for native in ({**AVX2, "avx512_bf16": True}, {**AVX2, "amx_bf16": True}):
-        assert slower_than_fp32(torch.bfloat16, native) is None
+    assert said and "(AMD EPYC: avx2) is slower than float32" in said and "8.1x on an AVX2 AMD EPYC" in said
+    xeon = {**AVX2, "avx2": False, "avx512_f": True, "avx512_vnni": True, "cpu_name": "Xeon"}
+    assert "(Xeon: avx512_f avx512_vnni) is slower" in slower_than_fp32(torch.bfloat16, xeon)
+    assert "torch.float16 on this CPU (AMD EPYC: avx2)" in slower_than_fp32(torch.float16, AVX2)
+    for dtype, native in ((torch.bfloat16, "avx512_bf16"), (torch.bfloat16, "amx_bf16"),
+                          (torch.float16, "avx512_fp16"), (torch.float16, "amx_fp16")):
+        assert slower_than_fp32(dtype, {**AVX2, native: True}) is None
     assert slower_than_fp32(None, AVX2) is None and slower_than_fp32(torch.float32, AVX2) is None
 
 
@@ -296,7 +299,7 @@ def test_deploy_warns_where_bf16_is_slower(monkeypatch):
     native bf16, and not for float32."""
     model = build_resnest("resnest14d", layers=(1, 1, 1, 1)).eval()
     monkeypatch.setattr(fuse, "cpu_flags", lambda: AVX2)
-    with pytest.warns(UserWarning, match=r"deploy\(dtype=torch.bfloat16\): bfloat16 on this CPU \(AMD EPYC"):
+    with pytest.warns(UserWarning, match=r"deploy: torch.bfloat16 on this CPU \(AMD EPYC: avx2\) is slower"):
         deploy(model, dtype=torch.bfloat16)
     monkeypatch.setattr(fuse, "cpu_flags", lambda: {**AVX2, "amx_bf16": True})
     with warnings.catch_warnings():

@@ -306,6 +306,24 @@ def test_deploy_keeps_the_model_on_its_device(name):
                                                                  model.output_strides().values())}
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["resnest50_fast_2s2x40d", "resnest50_fast_4s2x40d", "resnest50d_4s2x40d"])
+def test_deploy_on_cuda(name, no_tf32):
+    """A model already on the GPU deploys and equals its CPU self (TF32 off); deploy(dtype=torch.float16) made
+    on the CPU and moved to the GPU afterwards runs in float16 there (the autocast device is decided per call)."""
+    torch.manual_seed(0)
+    model = randomize_norms(build_resnest(name, layers=(1, 1, 1, 1))).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(x)
+        out = deploy(copy.deepcopy(model).cuda())(x.cuda().contiguous(memory_format=torch.channels_last))
+        half = deploy(model, dtype=torch.float16).cuda()(x.cuda())
+    assert rel_diff({k: v.cpu() for k, v in out.items()}, ref) < 1e-5
+    assert all(v.dtype == torch.float16 for v in half.values())
+    assert rel_diff({k: v.float().cpu() for k, v in half.items()}, ref) < 1e-2
+
+
 def test_fuse_model_refuses_a_model_without_a_trunk():
     """A model with no ResNeSt trunk is refused by name, with the call that folds its norms instead (which
     works: no BatchNorm left in a torchvision ResNet-18), rather than returned unchanged."""

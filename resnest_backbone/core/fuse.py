@@ -419,14 +419,15 @@ def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, 
     first call for each input shape compiles (40 s for ResNeSt-50 at 800x1216 on 2 threads, 2026-12-02), and
     a new input shape recompiles (pass dynamic=True to avoid that, usually slower).
     With dtype, the compiled model is called under autocast (not tested here). A model on a CPU where `dtype`
-    is slower than float32 (bf16 without AMX / AVX-512 BF16: precision.slower_than_fp32) gets a warning.
+    is slower than float32 (without native bf16 / fp16 instructions: precision.slower_than_fp32) gets a
+    warning.
     """
     if dtype is not None and dtype != torch.float32 and dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"deploy: dtype={dtype} is not supported; use None / torch.float32, or one of "
                          f"{[str(d) for d in AUTOCAST_DTYPES]} (autocast)")
     slower = slower_than_fp32(dtype, cpu_flags()) if autocast_device(model) == "cpu" else None
     if slower:
-        warnings.warn(f"deploy(dtype={dtype}): {slower}", stacklevel=2)
+        warnings.warn(f"deploy: {slower}")  # from here: once per process (the default filter)
     model = fuse_model(model, inplace=inplace, channels_last=channels_last)
     if compile:
         compile_kwargs.setdefault("options", {"freezing": True})

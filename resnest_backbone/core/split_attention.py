@@ -108,7 +108,7 @@ class SplitAttentionConv2d(nn.Module):
         them unchanged (not a SyncBN across processes, which sees the global batch; a scripted module does not
         check that)."""
         if hasattr(self.bn1, "running_mean") and hasattr(self.bn1, "num_batches_tracked"):  # TorchScript: static
-            if self.training and gap.size(0) == 1 and self.bn1.running_mean is not None:
+            if self.bn1.training and gap.size(0) == 1 and self.bn1.running_mean is not None:
                 synced = False
                 if not torch.jit.is_scripting():
                     synced = _synced_across_processes(self.bn1)

@@ -51,7 +51,7 @@ def _register() -> list:
 
 
 register_fp32_heads({"BBoxHead": ("fc_cls", "fc_reg"), "RPNHead": ("rpn_cls", "rpn_reg"),
-                     "BaseRoIExtractor": ("",)})  # mmdet (a name: mmdet may be absent); its CPU RoIAlign has no bf16
+                     "BaseRoIExtractor": ("",)})  # mmdet's, by name (optional); mmcv's CPU RoIAlign: no bf16
 REGISTERED_IN = _register()
 HOOKS_REGISTERED_IN = register_hooks()  # ResNeStDropBlockHook: mmengine's HOOKS, and mmdet's / mmseg's
 allow_mmengine_checkpoints()

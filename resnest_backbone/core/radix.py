@@ -3,8 +3,8 @@ sum), each in one function with its execution-mode forms, so that the block's fo
 
 A radix-major (B, radix*C, H, W) tensor is viewed as its splits without a copy. Training form (split_pool,
 split_sum): bit-identical to the official code's `sum(torch.split(x, C, 1))` and `sum([att * split ...])`
-(each product rounded on its own, splits added in radix order, then adaptive_avg_pool2d), in every layout;
-channels_last in gives channels_last out. Fused inference form (fused_split_sum, softmax_split_sum): may round
+(each product rounded on its own, splits added in radix order, then adaptive_avg_pool2d) on the same input,
+NCHW or channels_last; channels_last in gives channels_last out (tests/test_split_attention.py). Fused inference form (fused_split_sum, softmax_split_sum): may round
 differently, by about 1e-7 relative.
 """
 from typing import Optional

@@ -42,6 +42,16 @@ def _mm_default_scope_restored():
         registry.DefaultScope._instance_dict.update(before)
 
 
+@pytest.fixture
+def no_tf32():
+    """float32 comparisons on CUDA: TF32 off for cuDNN convolutions (on by default on Ampere and later, about
+    1e-3 relative) and cuBLAS matmuls, restored after the test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small tensors: one thread is faster, and far faster on a loaded machine (no OpenMP spin-waits)."""

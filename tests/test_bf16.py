@@ -13,6 +13,9 @@ so two models (measured 2026-11-23, torch 2.14.1 CPU, oneDNN):
     bf16 alone costs in fp32 (ROUNDING_FACTOR = 2; measured 1.3..1.5).
 """
 import copy
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -20,7 +23,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from resnest_backbone.core import build_resnest
-from resnest_backbone.core.fuse import autocast_forward, autocast_inference, deploy, fp32_heads
+from resnest_backbone.core import fuse, precision
+from resnest_backbone.core.fuse import deploy
+from resnest_backbone.core.precision import (autocast_device, autocast_forward, autocast_inference, fp32_heads,
+                                             register_fp32_heads, slower_than_fp32)
 from test_fuse import randomize_norms
 
 BF16_REL = 1e-2
@@ -158,11 +164,16 @@ def test_autocast_model_copies_and_reconfigures(resnest50):
     assert fp32_heads(resnest50) == []  # a trunk has no score / box predictor
 
 
-def test_predictor_kept_fp32():
-    """A module named in FP32_HEADS (here detectron2's class name, on a stand-in) runs without autocast on
-    fp32 inputs: its outputs are float32, the rest of the model's bf16."""
+def test_predictor_kept_fp32(monkeypatch):
+    """A module registered as an fp32 head (register_fp32_heads: by class, or by class name with submodule
+    names, as the adapters do) runs without autocast on fp32 inputs: its outputs are float32, the rest of the
+    model's bf16. The core itself names no head (a fresh process: nothing registered until an adapter is
+    imported)."""
+    code = "import resnest_backbone.core.fuse, resnest_backbone.core.precision as p; print(p.FP32_HEADS)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "{}"
 
-    class FastRCNNOutputLayers(nn.Module):
+    class Predictor(nn.Module):
         def __init__(self):
             super().__init__()
             self.cls_score = nn.Linear(8, 3)
@@ -170,8 +181,17 @@ def test_predictor_kept_fp32():
         def forward(self, x):
             return self.cls_score(x)
 
-    model = nn.Sequential(nn.Linear(4, 8), FastRCNNOutputLayers())
+    class Head(Predictor):  # a subclass of a class registered by name, and a submodule
+        pass
+
+    monkeypatch.setattr(precision, "FP32_HEADS", {})
+    model = nn.Sequential(nn.Linear(4, 8), Predictor())
+    assert fp32_heads(model) == [] and fp32_heads(nn.Sequential(Head())) == []
+    register_fp32_heads({Predictor: ("",)})
     assert fp32_heads(model) == ["1"]
+    register_fp32_heads({"Predictor": ("cls_score", "no_such_layer")})
+    register_fp32_heads({"Predictor": ("other_frameworks_layer",)})  # a shared class name adds, not replaces
+    assert fp32_heads(nn.Sequential(Head())) == ["0", "0.cls_score"]
     x = torch.randn(2, 4)
     with torch.no_grad():
         ref = model(x)
@@ -236,3 +256,54 @@ def test_autocast_training_step_keeps_fp32_softmax_and_bn():
         assert dtype == torch.bfloat16, name
         errs[name] = max(rel_err(bn.running_mean, mean), rel_err(bn.running_var, var))
     assert max(errs.values()) < BN_STATS_REL, max(errs.items(), key=lambda kv: kv[1])
+
+
+def test_autocast_device_is_the_weights_device_at_call_time():
+    """The autocast device type is decided at each call from where the weights are then (autocast_device),
+    not when deploy() ran: a model deployed on `meta` (standing for a GPU: the same decision) and then moved
+    to the CPU runs in bf16 there. A module without weights takes its input's device."""
+    torch.manual_seed(0)
+    model = build_resnest("resnest14d", out_features=("res5",)).eval()
+    on_cpu = deploy(model)
+    fast = deploy(copy.deepcopy(model).to("meta"), dtype=torch.bfloat16)
+    assert autocast_device(fast) == "meta"
+    fast.to_empty(device="cpu").load_state_dict(on_cpu.state_dict())
+    assert autocast_device(fast) == "cpu"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out, ref = fast(x)["res5"], on_cpu(x)["res5"]
+    assert out.dtype == torch.bfloat16 and BF16_MIN < rel_err(out, ref) < BF16_REL
+    assert autocast_device(nn.ReLU(), (torch.empty(1, device="meta"),)) == "meta"
+    assert autocast_device(nn.ReLU(), ([torch.empty(1, device="meta")],)) == "cpu"  # no tensor argument
+
+
+AVX2 = {"cpu_name": "AMD EPYC", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
+
+
+def test_slower_than_fp32_from_the_cpu_flags():
+    """bf16 without native bf16 instructions (neither AMX nor AVX-512 BF16), fp16 without native fp16 ones, is
+    named slower than fp32, with the CPU's flags; with them, or for float32, nothing is said."""
+    said = slower_than_fp32(torch.bfloat16, AVX2)
+    assert said and "(AMD EPYC: avx2) is slower than float32" in said and "8.1x on an AVX2 AMD EPYC" in said
+    xeon = {**AVX2, "avx2": False, "avx512_f": True, "avx512_vnni": True, "cpu_name": "Xeon"}
+    assert "(Xeon: avx512_f avx512_vnni) is slower" in slower_than_fp32(torch.bfloat16, xeon)
+    assert "torch.float16 on this CPU (AMD EPYC: avx2)" in slower_than_fp32(torch.float16, AVX2)
+    for dtype, native in ((torch.bfloat16, "avx512_bf16"), (torch.bfloat16, "amx_bf16"),
+                          (torch.float16, "avx512_fp16"), (torch.float16, "amx_fp16")):
+        assert slower_than_fp32(dtype, {**AVX2, native: True}) is None
+    assert slower_than_fp32(None, AVX2) is None and slower_than_fp32(torch.float32, AVX2) is None
+
+
+def test_deploy_warns_where_bf16_is_slower(monkeypatch):
+    """deploy(dtype=torch.bfloat16) of a CPU model says so where bf16 is slower here; not where the CPU has
+    native bf16, and not for float32."""
+    model = build_resnest("resnest14d", layers=(1, 1, 1, 1)).eval()
+    monkeypatch.setattr(fuse, "cpu_flags", lambda: AVX2)
+    with pytest.warns(UserWarning, match=r"deploy: torch.bfloat16 on this CPU \(AMD EPYC: avx2\) is slower"):
+        deploy(model, dtype=torch.bfloat16)
+    monkeypatch.setattr(fuse, "cpu_flags", lambda: {**AVX2, "amx_bf16": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deploy(model, dtype=torch.bfloat16)
+        monkeypatch.setattr(fuse, "cpu_flags", lambda: AVX2)
+        deploy(model)

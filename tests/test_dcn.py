@@ -220,8 +220,9 @@ def test_fused_and_scripted_dcn_models_match(case, tmp_path):
     assert not (tmp_path / "dcn.onnx").exists()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_zero_offsets_and_gradients():
+def test_cuda_zero_offsets_and_gradients(no_tf32):
     plain, dcn = _pair("resnest50_fast_4s2x40d", dict(layers=(1, 1, 1, 1)), True, 2)
     plain, dcn = plain.cuda(), dcn.cuda()
     x = torch.randn(2, 3, 96, 128, device="cuda")

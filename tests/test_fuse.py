@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from resnest_backbone.core import VARIANTS, FrozenBatchNorm2d, ResNeSt, build_resnest
-from resnest_backbone.core import fuse as fuse_module
-from resnest_backbone.core.fuse import (FusedBottleneck, FusedSplitAttention, fold_conv_norm, fuse_model,
-                                        fuse_resnest, fused_split_sum, softmax_split_sum)
-from resnest_backbone.core.split_attention import SplitAttentionConv2d, weighted_split_sum
+from resnest_backbone.core import VARIANTS, FrozenBatchNorm2d, ResNeSt, build_resnest, onednn
+from resnest_backbone.core.fuse import (FusedBottleneck, FusedSplitAttention, deploy, fold_conv_norm, fuse_model,
+                                        fuse_resnest)
+from resnest_backbone.core.radix import fused_split_sum, softmax_split_sum
+from resnest_backbone.core.split_attention import SplitAttentionConv2d
 
 ATOL = 1e-4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,10 +155,9 @@ def test_fold_conv_norm_and_weighted_sum_units():
                 x = x.contiguous(memory_format=torch.channels_last)
             a = torch.rand(2, radix, 5, 1, 1)
             ref = sum(x[:, r * 5:(r + 1) * 5] * a[:, r] for r in range(radix))
-            for fn in (fused_split_sum, weighted_split_sum):
-                out = fn(x, a, radix)
-                torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-                assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+            out = fused_split_sum(x, a, radix)
+            torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+            assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 def _ops(fn):
@@ -291,6 +290,53 @@ def test_training_form_is_unchanged_by_the_fast_path_edits():
     assert model.layer1[0].conv2.fc1.weight.grad is not None
 
 
+@pytest.mark.parametrize("name", ["resnest50_fast_2s2x40d", "resnest50_fast_4s2x40d", "resnest50d_4s2x40d"])
+def test_deploy_keeps_the_model_on_its_device(name):
+    """Fusing builds every new tensor (the cardinality > 1 blocks' permuted fc2, the fused convs) on the
+    weights' device and in their dtype: deploy on the `meta` device (as on a GPU) leaves no tensor elsewhere,
+    and a forward on that device runs. The variant's structure with one block per stage."""
+    model = build_resnest(name, layers=(1, 1, 1, 1)).eval().to("meta")
+    fast = deploy(model)
+    assert {t.device.type for t in [*fast.parameters(), *fast.buffers()]} == {"meta"}
+    assert all(isinstance(b, FusedBottleneck) for b in (fast.layer1[0], fast.layer4[0]))
+    with torch.no_grad():
+        out = fast(torch.randn(2, 3, 64, 96, device="meta").contiguous(memory_format=torch.channels_last))
+    assert {k: (v.device.type, tuple(v.shape)) for k, v in out.items()} == {
+        k: ("meta", (2, c, 64 // s, 96 // s)) for (k, c), s in zip(model.output_channels().items(),
+                                                                 model.output_strides().values())}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["resnest50_fast_2s2x40d", "resnest50_fast_4s2x40d", "resnest50d_4s2x40d"])
+def test_deploy_on_cuda(name, no_tf32):
+    """A model already on the GPU deploys and equals its CPU self (TF32 off); deploy(dtype=torch.float16) made
+    on the CPU and moved to the GPU afterwards runs in float16 there (the autocast device is decided per call)."""
+    torch.manual_seed(0)
+    model = randomize_norms(build_resnest(name, layers=(1, 1, 1, 1))).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(x)
+        out = deploy(copy.deepcopy(model).cuda())(x.cuda().contiguous(memory_format=torch.channels_last))
+        half = deploy(model, dtype=torch.float16).cuda()(x.cuda())
+    assert rel_diff({k: v.cpu() for k, v in out.items()}, ref) < 1e-5
+    assert all(v.dtype == torch.float16 for v in half.values())
+    assert rel_diff({k: v.float().cpu() for k, v in half.items()}, ref) < 1e-2
+
+
+def test_fuse_model_refuses_a_model_without_a_trunk():
+    """A model with no ResNeSt trunk is refused by name, with the call that folds its norms instead (which
+    works: no BatchNorm left in a torchvision ResNet-18), rather than returned unchanged."""
+    import torchvision
+    resnet = torchvision.models.resnet18().eval()
+    for fuse in (fuse_model, deploy):
+        with pytest.raises(ValueError, match=r"ResNet contains no ResNeSt trunk.*torch\.fx\.experimental"):
+            fuse(resnet)
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in resnet.modules()) == 20
+    assert not [m for m in fx_fuse(resnet).modules() if isinstance(m, nn.BatchNorm2d)]
+
+
 @pytest.mark.d2
 def test_fuse_model_on_faster_rcnn():
     """A whole detectron2 Faster R-CNN ResNeSt-FPN: trunk fused, FPN / head norms folded, channels_last."""
@@ -320,7 +366,7 @@ def test_fuse_model_on_faster_rcnn():
 
 
 # ------------------------------------------------------------------------ oneDNN fused convolutions (CPU)
-needs_onednn = pytest.mark.skipif(fuse_module._ONEDNN is None, reason="this torch has no oneDNN")
+needs_onednn = pytest.mark.skipif(onednn._ONEDNN is None, reason="this torch has no oneDNN")
 
 
 def count_onednn_calls(monkeypatch) -> dict:
@@ -333,18 +379,18 @@ def count_onednn_calls(monkeypatch) -> dict:
             return op(*args)
         return call
 
-    monkeypatch.setattr(fuse_module, "_ONEDNN", tuple(counting(op, name) for op, name in
-                                                     zip(fuse_module._ONEDNN, calls)))
+    monkeypatch.setattr(onednn, "_ONEDNN", tuple(counting(op, name) for op, name in
+                                                     zip(onednn._ONEDNN, calls)))
     return calls
 
 
 def plain_ops(fused: nn.Module, x: torch.Tensor) -> dict:
     """The fused model's output through the plain PyTorch ops (use_onednn off)."""
-    fuse_module.use_onednn = False
+    onednn.use_onednn = False
     try:
         return fused(x.clone())
     finally:
-        fuse_module.use_onednn = True
+        onednn.use_onednn = True
 
 
 def rel_diff(a: dict, b: dict) -> float:
@@ -400,11 +446,11 @@ def test_onednn_block_overwrites_only_a_stage_internal_input():
     assert block.downsample is None
     x = torch.randn(1, block.out_channels, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        fuse_module.use_onednn = False
+        onednn.use_onednn = False
         try:
             ref = block(x.clone())
         finally:
-            fuse_module.use_onednn = True
+            onednn.use_onednn = True
         kept = x.clone()
         block.overwrite_input = False
         out = block(x)
@@ -448,7 +494,7 @@ def test_onednn_path_is_not_taken_where_it_must_not_be(monkeypatch):
 
 
 @needs_onednn
-@pytest.mark.skipif(not fuse_module._ONEDNN_BF16, reason="this CPU has no oneDNN bf16")
+@pytest.mark.skipif(not onednn._ONEDNN_BF16, reason="this CPU has no oneDNN bf16")
 def test_onednn_bf16_under_autocast(monkeypatch):
     """deploy(dtype=torch.bfloat16): the blocks run the oneDNN ops in bf16 on bf16 copies of the weights (made
     once, remade when a weight changes); the result is as close to fp32 as autocast's plain ops are."""
@@ -456,7 +502,7 @@ def test_onednn_bf16_under_autocast(monkeypatch):
     model = randomize_norms(build_resnest("resnest14d")).eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)).contiguous(
         memory_format=torch.channels_last)
-    fast = fuse_module.deploy(model, channels_last=True, dtype=torch.bfloat16)
+    fast = deploy(model, channels_last=True, dtype=torch.bfloat16)
     with torch.no_grad():
         ref32 = model(x)
         plain = plain_ops(fast, x)

@@ -1,10 +1,14 @@
 """Our split-attention conv equals a literal, cardinality-major implementation of the paper's equations
 (Zhang et al. 2020, section 3.2), written here from the paper, using the module's weights."""
+import copy
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from resnest_backbone.core import SplitAttentionConv2d
+from resnest_backbone.core import split_attention as sa
+from resnest_backbone.core.radix import split_pool, split_sum
 from conftest import randomize_norm_stats
 
 
@@ -85,8 +89,25 @@ def test_bad_values_are_refused():
 
 def _plain_pool(x: torch.Tensor, radix: int) -> torch.Tensor:
     """The global context with autograd's own backward (what split_pool's custom backward replaces)."""
-    from resnest_backbone.core.split_attention import split_sum
     return F.adaptive_avg_pool2d(split_sum(x, radix) if radix > 1 else x, 1)
+
+
+@pytest.mark.parametrize("radix", [1, 2, 3, 4])
+def test_split_sums_are_the_official_sums_in_every_layout(radix):
+    """split_sum and split_pool compute the official code's expressions bit for bit (sum(torch.split(...)),
+    sum([att * split ...]), then adaptive_avg_pool2d) on the same input, NCHW or channels_last, and keep its
+    layout."""
+    torch.manual_seed(radix)
+    weights = torch.softmax(torch.randn(2, radix, 6, 1, 1), 1)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, radix * 6, 5, 7).relu().contiguous(memory_format=fmt)
+        splits = torch.split(x, 6, dim=1)
+        official_sum = sum(splits)
+        official_weighted = sum([w * s for w, s in zip(torch.split(weights.view(2, -1, 1, 1), 6, dim=1), splits)])
+        assert torch.equal(split_pool(x, radix), F.adaptive_avg_pool2d(official_sum if radix > 1 else x, 1))
+        if radix > 1:
+            for out, ref in ((split_sum(x, radix), official_sum), (split_sum(x, radix, weights), official_weighted)):
+                assert torch.equal(out, ref) and out.is_contiguous(memory_format=fmt)
 
 
 @pytest.mark.parametrize("radix", [1, 2, 4])
@@ -94,15 +115,14 @@ def _plain_pool(x: torch.Tensor, radix: int) -> torch.Tensor:
 def test_split_pool_gradient_is_autograds(radix, channels_last):
     """split_pool's backward (a broadcast view) gives autograd's gradient: gradcheck in float64 (first and
     second order), and, in a whole training-mode block, every parameter's gradient equal to the plain ops'."""
-    from resnest_backbone.core import split_attention as sa
     torch.manual_seed(radix)
     x = torch.randn(2, radix * 3, 5, 4, dtype=torch.float64)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    torch.autograd.gradcheck(lambda t: sa.split_pool(t, radix), (x,))
-    torch.autograd.gradgradcheck(lambda t: sa.split_pool(t, radix) ** 2, (x,))
-    torch.testing.assert_close(sa.split_pool(x, radix), _plain_pool(x, radix), rtol=0, atol=0)
+    torch.autograd.gradcheck(lambda t: split_pool(t, radix), (x,))
+    torch.autograd.gradgradcheck(lambda t: split_pool(t, radix) ** 2, (x,))
+    torch.testing.assert_close(split_pool(x, radix), _plain_pool(x, radix), rtol=0, atol=0)
 
     m = SplitAttentionConv2d(16, 16, 3, 1, 1, cardinality=2 if radix < 4 else 1, radix=radix,
                              norm_layer=torch.nn.BatchNorm2d).train()
@@ -110,7 +130,7 @@ def test_split_pool_gradient_is_autograds(radix, channels_last):
     if channels_last:
         m, inp = m.to(memory_format=torch.channels_last), inp.contiguous(memory_format=torch.channels_last)
     grads = []
-    for pool in (sa.split_pool, _plain_pool):
+    for pool in (split_pool, _plain_pool):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(sa, "split_pool", pool)
             m.zero_grad(set_to_none=True)
@@ -124,9 +144,8 @@ def test_split_pool_gradient_is_autograds(radix, channels_last):
 def test_split_pool_backward_is_a_broadcast_view():
     """The gradient split_pool sends back is not materialised: stride 0 over the pixels (what saves a copy
     and an add of a full-size tensor per block); the plain ops' is a full tensor."""
-    from resnest_backbone.core import split_attention as sa
     seen = {}
-    for name, pool in (("split_pool", sa.split_pool), ("plain", _plain_pool)):
+    for name, pool in (("split_pool", split_pool), ("plain", _plain_pool)):
         x = torch.randn(2, 8, 6, 5, requires_grad=True)
         y = x * 1.0  # an intermediate whose hook sees the gradient as sent
         y.register_hook(lambda g, name=name: seen.__setitem__(name, g.stride()))
@@ -151,19 +170,18 @@ def test_split_pool_under_tracing_and_scripting_is_the_plain_ops():
     assert m.conv.weight.grad is not None
 
 
+@pytest.mark.slow  # inductor codegen of a forward and a backward: about 3 minutes on 2 shared cores
 def test_compiled_training_with_dynamic_shapes():
-    """torch.compile(dynamic=True) trains a channels_last trunk (detection sizes vary per batch): the split
-    sums take a form that inductor can order with symbolic strides (the permuted view stopped it: "cannot
-    determine truth value of Relational"). Outputs equal eager's; gradients are as close to a float64
-    reference as eager channels_last's own (fp32 channels_last training rounds visibly: a few % on some
-    weights here, 11% on torchvision's resnet18)."""
-    from resnest_backbone.core import build_resnest
+    """torch.compile(dynamic=True) trains a channels_last split-attention block at two input sizes (detection
+    sizes vary per batch): the split sums take a form that inductor can order with symbolic strides (the
+    permuted view stopped it: "cannot determine truth value of Relational"). Outputs equal eager's; gradients
+    are as close to a float64 reference as eager channels_last's own. One block, not a trunk: the trunk adds
+    only convolutions and norms, and compiling resnest14d took 12 minutes of inductor codegen on one CPU."""
     torch.manual_seed(0)
-    m = build_resnest("resnest14d").train().to(memory_format=torch.channels_last)
-    eager = build_resnest("resnest14d").train().to(memory_format=torch.channels_last)
-    eager.load_state_dict(m.state_dict())
-    exact = build_resnest("resnest14d").train().double()
-    exact.load_state_dict(m.state_dict())
+    m = SplitAttentionConv2d(32, 32, 3, 1, 1, cardinality=2, radix=2, norm_layer=torch.nn.BatchNorm2d)
+    m = randomize_norm_stats(m).train().to(memory_format=torch.channels_last)
+    eager = copy.deepcopy(m)
+    exact = copy.deepcopy(m).double()
     compiled = torch.compile(m, dynamic=True)
 
     def err(model):  # the largest gradient error to float64, relative to each gradient's scale
@@ -172,17 +190,17 @@ def test_compiled_training_with_dynamic_shapes():
         return max((got[n].grad.double() - p.grad).abs().max().item() / max(p.grad.abs().max().item(), 1e-3 * scale)
                    for n, p in exact.named_parameters())
 
-    for hw in ((64, 96), (96, 64)):
-        x = torch.randn(2, 3, *hw)
+    for hw in ((12, 20), (20, 12)):
+        x = torch.randn(2, 32, *hw)
         outs = {}
         for name, model, inp in (("compiled", compiled, x.contiguous(memory_format=torch.channels_last)),
                                  ("eager", eager, x.contiguous(memory_format=torch.channels_last)),
                                  ("exact", exact, x.double())):
             out = model(inp)
-            sum(o.mean() for o in out.values()).backward()
-            outs[name] = {k: v.detach() for k, v in out.items()}
-        for k, ref in outs["eager"].items():
-            assert (outs["compiled"][k] - ref).abs().max() <= 1e-4 * ref.abs().max(), k
-        assert err(m) <= 2 * err(eager) + 1e-3, (err(m), err(eager))
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            outs[name] = out.detach()
+        assert outs["compiled"].is_contiguous(memory_format=torch.channels_last)
+        assert (outs["compiled"] - outs["eager"]).abs().max() <= 1e-5 * outs["eager"].abs().max()
+        assert err(m) <= 2 * err(eager) + 1e-5, (err(m), err(eager))
         for model in (m, eager, exact):
             model.zero_grad(set_to_none=True)

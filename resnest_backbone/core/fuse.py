@@ -11,46 +11,38 @@ What changes (the outputs do not, up to float rounding; tests/test_fuse.py check
     MLP's fc1 (bn1), the shortcut conv. GroupNorm cannot be folded and is kept;
   - the split-attention rows of fc2 are permuted once to radix-major order, so rSoftMax is a softmax over a
     (batch, radix, channels) view: no regrouping, no copy;
-  - the attention is computed with the core's radix reduction (split_attention.split_sum, fma=True: views
-    and tensor ops over the radix dimension, no split / stack / list sum; radix 2 in eager inference: one
-    torch.lerp, softmax_split_sum), and the residual add + ReLU run
-    in place; DropBlock (a no-op in inference) is dropped;
+  - the radix sum runs on views of the split conv's output (core/radix.py; radix 2: one torch.lerp,
+    softmax_split_sum), and the residual add + ReLU run in place; DropBlock (a no-op in inference) is dropped;
   - channels_last is supported end to end (views only, no `.contiguous()`), which is what oneDNN / cuDNN
     convolutions prefer;
   - deformable blocks (core/deform.py) keep their offset conv; bn0 / bn2 fold into the deformable conv's
     weight and bias exactly as into a plain conv (it is linear in its weight);
-  - on CPU in float32 without autograd (eager inference), each block runs as three of PyTorch's oneDNN
-    fused-convolution calls (torch.ops.mkldnn._convolution_pointwise): conv1 + ReLU, the split conv +
-    ReLU, and conv3 + residual add + ReLU, the sum written in place into the downsample's output or, for
-    the blocks after the first of a stage, into the block's input (the previous block's output, which
-    nothing else reads: a forward hook that keeps a block's output sees it overwritten); the stem's
-    conv + ReLU pairs likewise. Under CPU bf16 autocast (deploy(dtype=torch.bfloat16)) the same calls run
-    in bf16, on bf16 copies of those convs' weights made at the first call and kept on the modules
-    (outside the state dict; remade when a weight changes). Tracing, scripting, ONNX export,
-    torch.compile, other autocast dtypes and autograd see the plain ops (onednn_dtype). Equal to the plain
-    ops up to float rounding (tests/test_fuse.py: 1e-5 relative in fp32). `fuse.use_onednn = False` turns
-    it off.
+  - on CPU, eager inference runs each block as three oneDNN fused-convolution calls (core/onednn.py), the
+    residual sum written in place into the downsample's output or, for the blocks after the first of a
+    stage, into the block's input (the previous block's output, which nothing else reads: a forward hook
+    that keeps a block's output sees it overwritten);
+  - deploy(dtype=...) adds the precision policy (core/precision.py).
 The converted modules are inference only: folded statistics can no longer update (train() changes nothing).
 The result stays a ResNeSt (same class, same `forward`, `output_shape()` for detectron2), and scripts,
 traces and exports to ONNX like the original.
 """
-import contextlib
 import copy
-import threading
-from typing import List, Optional, Sequence, Tuple
+import warnings
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .deform import DeformConv2d
-from .split_attention import SplitAttentionConv2d, rsoftmax, split_output, split_sum
+from .onednn import FusedConvReLU, conv_add_relu, conv_relu, onednn_conv, onednn_dtype
+from .precision import AUTOCAST_DTYPES, autocast_device, autocast_inference, cpu_flags, slower_than_fp32
+from .radix import fused_split_sum, softmax_split_sum, split_sum
+from .split_attention import SplitAttentionConv2d, rsoftmax
 from .trunk import STAGE_MODULES, Bottleneck, ResNeSt
 
-__all__ = ["AUTOCAST_DTYPES", "FP32_HEADS", "FusedBottleneck", "FusedConvReLU", "FusedSplitAttention",
-           "autocast_forward", "autocast_inference", "deploy", "fold_conv_norm", "fp32_heads", "fuse_model",
-           "fuse_resnest", "fused_split_sum", "keep_fp32_heads", "norm_scale_shift", "onednn_dtype",
-           "softmax_split_sum"]
+__all__ = ["FusedBottleneck", "FusedSplitAttention", "deploy", "fold_conv_norm", "fuse_model", "fuse_resnest",
+           "norm_scale_shift"]
 
 
 # ---------------------------------------------------------------------------------------------- folding
@@ -102,141 +94,7 @@ def fold_conv_norm(conv: nn.Conv2d, norm: Optional[nn.Module]) -> Tuple[nn.Conv2
     return fused, nn.Identity()
 
 
-# ------------------------------------------------------- oneDNN fused convolutions (CPU, fp32 and bf16)
-def _onednn_ops():
-    """PyTorch's own oneDNN fused-convolution ops (torch.ops.mkldnn, CPU):
-    conv + ReLU, and conv + add + ReLU written in place into the added tensor; None where this build of
-    torch has no oneDNN."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return (torch.ops.mkldnn._convolution_pointwise.default,
-                torch.ops.mkldnn._convolution_pointwise.binary,
-                torch.ops.mkldnn._convolution_pointwise_.binary)
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN = _onednn_ops()
-# The fast path's eager CPU calls use _ONEDNN where onednn_dtype allows and this is True (set it to False to
-# compare, or to rule oneDNN's fused ops out when chasing a problem): the modules and weights stay the same.
-use_onednn = True
-
-
-def _bf16_supported() -> bool:
-    try:
-        return _ONEDNN is not None and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN_BF16 = _bf16_supported()
-
-
-@torch.jit.unused
-def onednn_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype a fused block computes this call in with oneDNN's fused ops, or None where the plain ops
-    run. float32 for a plain float32 CPU tensor; bfloat16 under CPU bf16 autocast (deploy(dtype=
-    torch.bfloat16)), where the CPU has bf16 instructions. None with autograd (an input that needs a
-    gradient), other autocast dtypes, and whenever something traces, compiles or exports the model: those
-    see the plain ops, so traces, ONNX files and torch.compile work as before."""
-    if not (use_onednn and _ONEDNN is not None and type(x) is torch.Tensor and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad) and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and not torch.onnx.is_in_onnx_export()):
-        return None
-    if torch.is_autocast_enabled("cpu"):
-        if (_ONEDNN_BF16 and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and x.dtype in (torch.float32, torch.bfloat16)):
-            return torch.bfloat16
-        return None
-    return torch.float32 if x.dtype == torch.float32 else None
-
-
-def onednn_conv(conv: nn.Module) -> bool:
-    """Whether `conv` can be one of those ops: a plain zero-padded float32 nn.Conv2d (or FusedConvReLU)
-    with numeric padding and no trainable weights."""
-    return (isinstance(conv, nn.Conv2d) and type(conv) in (nn.Conv2d, FusedConvReLU)
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and conv.weight.dtype == torch.float32 and not conv.weight.requires_grad
-            and (conv.bias is None or not conv.bias.requires_grad))
-
-
-def _weights(conv: nn.Conv2d, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The conv's weight and bias in `dtype`: themselves in float32; for bf16 a copy made once and kept on
-    the module (not in its state dict), remade when the weights change (autocast would cast them again at
-    every call: fused weights need no gradient, so autocast does not cache them)."""
-    weight, bias = conv.weight, conv.bias
-    if weight.dtype == dtype:
-        return weight, bias
-    key = (dtype, weight.data_ptr(), weight._version,
-           None if bias is None else (bias.data_ptr(), bias._version))
-    cached = conv.__dict__.get("_onednn_weights")
-    if cached is None or cached[0] != key:
-        cached = (key, weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype))
-        conv.__dict__["_onednn_weights"] = cached
-    return cached[1], cached[2]
-
-
-def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(conv(x)) in one oneDNN call (ReLU as the convolution's post-op), in x's dtype."""
-    weight, bias = _weights(conv, x.dtype)
-    return _ONEDNN[0](x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "relu", [], "")
-
-
-def _conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, other: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """relu(conv(x) + other) in one oneDNN call, in x's dtype; inplace=True writes it into `other`."""
-    weight, bias = _weights(conv, x.dtype)
-    if inplace:
-        return _ONEDNN[2](other, x, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add",
-                          None, "relu", [], None)
-    return _ONEDNN[1](x, other, weight, bias, conv.padding, conv.stride, conv.dilation, conv.groups, "add", None,
-                      "relu", [], None)
-
-
-class FusedConvReLU(nn.Conv2d):
-    """relu(conv(x)) for a (folded) conv followed by a ReLU, e.g. in the stem: one oneDNN call where
-    onednn_dtype allows, else the two plain ops. An nn.Conv2d, so the state-dict keys stay those of the conv."""
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> "FusedConvReLU":
-        out = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
-        out.weight = conv.weight
-        out.bias = conv.bias
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            dtype = onednn_dtype(x)
-            if dtype is not None and onednn_conv(self):
-                return _conv_relu(self, x.to(dtype))
-        return F.relu(self._conv_forward(x, self.weight, self.bias), inplace=True)
-
-
 # ------------------------------------------------------------------------------------ fused modules
-def fused_split_sum(x: torch.Tensor, attention: torch.Tensor, radix: int) -> torch.Tensor:
-    """The splits of `x` weighted by `attention` and summed, in the fused form (radix 2: a fused
-    multiply-add into a preallocated output): split_sum(..., fma=True). (The training-form module keeps the
-    official code's order of operations, bit for bit; this one may round differently, by about 1e-7
-    relative.)"""
-    return split_sum(x, radix, attention, fma=True)
-
-
-def softmax_split_sum(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Radix 2 with rSoftMax's split weights (B, 2, C, 1, 1), which sum to 1 per channel: w0 * x0 + w1 * x1 =
-    x0 + w1 * (x1 - x0), one torch.lerp into a preallocated output in `x`'s layout. Each split is read once
-    and the output written once; fused_split_sum's multiply then fused multiply-add writes the output twice
-    and reads it once more. It rounds differently again, by about 1e-7 relative (w0 is taken as 1 - w1).
-    Autograd, tracing / export, scripting and mixed dtypes take fused_split_sum (valid for any weights), and
-    so does torch.compile (which fuses either)."""
-    if (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or x.requires_grad
-            or weights.requires_grad or weights.dtype != x.dtype):
-        return split_sum(x, 2, weights, fma=True)
-    splits = x.view(x.size(0), 2, x.size(1) // 2, x.size(2), x.size(3))
-    return torch.lerp(splits[:, 0], splits[:, 1], weights[:, 1], out=split_output(x, 2))
-
-
 class FusedSplitAttention(nn.Module):
     """Inference form of SplitAttentionConv2d: bn0 and bn1 folded, fc2 rows in radix-major order."""
     deformable: torch.jit.Final[bool]
@@ -265,7 +123,7 @@ class FusedSplitAttention(nn.Module):
         if self.radix == 2:  # fc2's rows are radix-major here: rSoftMax of one group
             return softmax_split_sum(x, rsoftmax(attention, 2, 1))
         if self.radix > 1:
-            return split_sum(x, self.radix, rsoftmax(attention, self.radix, 1), fma=True)
+            return fused_split_sum(x, rsoftmax(attention, self.radix, 1), self.radix)
         if x.requires_grad:
             return x * torch.sigmoid(attention)
         return x.mul_(torch.sigmoid(attention))  # radix 1: a gate, in place on the conv output
@@ -307,7 +165,7 @@ class FusedSplitAttention(nn.Module):
     def onednn_conv_relu(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """relu(conv(x)) as one oneDNN call, or None where this call takes the plain ops (onednn_dtype)."""
         dtype = onednn_dtype(x) if isinstance(self.norm0, nn.Identity) and onednn_conv(self.conv) else None
-        return None if dtype is None else _conv_relu(self.conv, x.to(dtype))
+        return None if dtype is None else conv_relu(self.conv, x.to(dtype))
 
 
 def _radix_major_fc2(fc2: nn.Conv2d, cardinality: int, radix: int) -> nn.Conv2d:
@@ -318,15 +176,15 @@ def _radix_major_fc2(fc2: nn.Conv2d, cardinality: int, radix: int) -> nn.Conv2d:
     rows, per_group_in = fc2.out_channels, fc2.in_channels // cardinality
     rows_per_group = rows // cardinality
     weight = fc2.weight.detach()
-    dense = torch.zeros(rows, fc2.in_channels, 1, 1, dtype=weight.dtype)
+    dense = weight.new_zeros(rows, fc2.in_channels, 1, 1)  # on the weight's device, in its dtype
     for k in range(cardinality):
         dense[k * rows_per_group:(k + 1) * rows_per_group, k * per_group_in:(k + 1) * per_group_in] = \
             weight[k * rows_per_group:(k + 1) * rows_per_group]
-    order = torch.arange(rows).view(cardinality, radix, -1).transpose(0, 1).reshape(-1)
-    out = nn.Conv2d(fc2.in_channels, rows, 1, bias=fc2.bias is not None)
-    out.weight = nn.Parameter(dense[order].clone(), requires_grad=False)
+    order = torch.arange(rows, device=weight.device).view(cardinality, radix, -1).transpose(0, 1).reshape(-1)
+    out = nn.Conv2d(fc2.in_channels, rows, 1, bias=fc2.bias is not None, device=weight.device, dtype=weight.dtype)
+    out.weight = nn.Parameter(dense[order], requires_grad=False)
     if fc2.bias is not None:
-        out.bias = nn.Parameter(fc2.bias.detach()[order].clone(), requires_grad=False)
+        out.bias = nn.Parameter(fc2.bias.detach()[order], requires_grad=False)
     return out
 
 
@@ -391,13 +249,13 @@ class FusedBottleneck(nn.Module):
         The sum is written into the shortcut when that is a tensor of this block's own (the downsample's
         output) or, with `overwrite_input` (set by fuse_resnest for the blocks after the first of a stage,
         whose input is the previous block's output and used nowhere else), into the input itself."""
-        out = _conv_relu(self.conv1, x)
+        out = conv_relu(self.conv1, x)
         if self.pool_before is not None:
             out = self.pool_before(out)
         if self.pool_after is not None and self.norm2 is None and self.conv2.pools_before_sum(self.pool_after):
             out = self.conv2.forward_pooled(out, self.pool_after)
         else:
-            out = _conv_relu(self.conv2, out) if self.norm2 is not None else self.conv2(out)
+            out = conv_relu(self.conv2, out) if self.norm2 is not None else self.conv2(out)
             if self.pool_after is not None:
                 out = self.pool_after(out)
         if self.downsample is not None:
@@ -409,7 +267,7 @@ class FusedBottleneck(nn.Module):
             shortcut, inplace = shortcut.to(x.dtype), True
         if not (shortcut.is_contiguous() or shortcut.is_contiguous(memory_format=torch.channels_last)):
             shortcut, inplace = shortcut.contiguous(), True
-        return _conv_add_relu(self.conv3, out, shortcut, inplace)
+        return conv_add_relu(self.conv3, out, shortcut, inplace)
 
 
 def _fold_sequence(layers) -> list:
@@ -502,7 +360,13 @@ def fuse_resnest(model: ResNeSt, inplace: bool = False, channels_last: bool = Fa
 def fuse_model(model: nn.Module, inplace: bool = False, channels_last: bool = False) -> nn.Module:
     """Fuse every ResNeSt trunk inside `model` (e.g. a detectron2 GeneralizedRCNN's backbone.bottom_up),
     and fold the norms of detectron2-style convs that carry one (`conv.norm`: FPN, box head) when they are
-    BN / FrozenBN. Returns a converted copy (or `model` with inplace=True), in eval mode."""
+    BN / FrozenBN. Returns a converted copy (or `model` with inplace=True), in eval mode. A model without a
+    ResNeSt trunk is refused: there would be nothing of ours to fuse."""
+    if not any(isinstance(m, ResNeSt) for m in model.modules()):
+        raise ValueError(f"fuse_model / deploy: {type(model).__name__} contains no ResNeSt trunk, so there is "
+                         "nothing to fuse. Give it a ResNeSt backbone (resnest_backbone.core.build_resnest, or "
+                         "the detectron2 / mmdet adapters), or fold another model's BatchNorms with "
+                         "torch.fx.experimental.optimization.fuse(model)")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
@@ -526,7 +390,8 @@ def fuse_model(model: nn.Module, inplace: bool = False, channels_last: bool = Fa
 
 def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
     plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
     plain.weight = conv.weight
     plain.bias = conv.bias
     return plain
@@ -542,7 +407,7 @@ def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, 
     float32 (autocast casts them per call; on CPU in bf16 the fused blocks and stem run oneDNN's fused
     convolutions on bf16 copies kept on the modules, see the module docstring). What stays float32: the
     radix softmax (core.rsoftmax computes it in fp32), the score / box predictors and mmdet's RoI extractor
-    (FP32_HEADS), and what autocast keeps in fp32 or the model casts itself (detectron2 decodes boxes in
+    (precision.FP32_HEADS), and what autocast keeps in fp32 or the model casts itself (detectron2 decodes boxes in
     fp32; torchvision's roi_align runs in fp32 under autocast). A trunk's features come out in `dtype`.
     Error against fp32: tests/test_bf16.py (per stage), tests/test_amp_d2.py and tests/test_amp_mm.py
     (detectors).
@@ -553,153 +418,20 @@ def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, 
     path is measured by tools/benchmark.py --compile (docs/benchmark.md). On CPU it needs a C++ compiler, the
     first call for each input shape compiles (40 s for ResNeSt-50 at 800x1216 on 2 threads, 2026-12-02), and
     a new input shape recompiles (pass dynamic=True to avoid that, usually slower).
-    With dtype, the compiled model is called under autocast (not tested here).
+    With dtype, the compiled model is called under autocast (not tested here). A model on a CPU where `dtype`
+    is slower than float32 (without native bf16 / fp16 instructions: precision.slower_than_fp32) gets a
+    warning.
     """
     if dtype is not None and dtype != torch.float32 and dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"deploy: dtype={dtype} is not supported; use None / torch.float32, or one of "
                          f"{[str(d) for d in AUTOCAST_DTYPES]} (autocast)")
+    slower = slower_than_fp32(dtype, cpu_flags()) if autocast_device(model) == "cpu" else None
+    if slower:
+        warnings.warn(f"deploy: {slower}")  # from here: once per process (the default filter)
     model = fuse_model(model, inplace=inplace, channels_last=channels_last)
     if compile:
         compile_kwargs.setdefault("options", {"freezing": True})
         model = torch.compile(model, **compile_kwargs)
     if dtype is not None and dtype != torch.float32:
         model = autocast_inference(model, dtype)
-    return model
-
-
-# ------------------------------------------------------------------------------------- reduced precision
-AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
-
-# The layers whose outputs become scores and box coordinates, kept in float32 by autocast_inference (their
-# floating inputs are cast to fp32): class name (this class or a base) -> its submodules ("" = itself). They are
-# small (a 1x1 conv / linear over the features), and fp32 scores keep their ranking for NMS and AP.
-FP32_HEADS = {
-    "FastRCNNOutputLayers": ("",),                         # detectron2: class scores and box deltas
-    "StandardRPNHead": ("objectness_logits", "anchor_deltas"),
-    "RetinaNetHead": ("cls_score", "bbox_pred"),
-    "MaskRCNNConvUpsampleHead": ("predictor",),
-    "BBoxHead": ("fc_cls", "fc_reg"),                      # mmdet (ConvFCBBoxHead, Shared2FC/4Conv1FC...)
-    "RPNHead": ("rpn_cls", "rpn_reg"),
-    "BaseRoIExtractor": ("",),                             # mmdet: mmcv's CPU RoIAlign has no bf16 kernel
-}
-
-
-class _AutocastHooks:
-    """A forward pre-hook and forward hook pair running a module's forward under torch.autocast(device_type,
-    dtype), or with autocast off and floating inputs (positional; tensors and lists / tuples of tensors) cast
-    to float32 (dtype=torch.float32). Copies and pickles
-    of the module carry it (rebuilt from device type and dtype)."""
-
-    def __init__(self, device_type: str, dtype: torch.dtype):
-        self.device_type, self.dtype = device_type, dtype
-        self._local = threading.local()
-
-    def __reduce__(self):
-        return type(self), (self.device_type, self.dtype)
-
-    def enter(self, module, args):
-        fp32 = self.dtype == torch.float32
-        context = torch.autocast(self.device_type, enabled=not fp32, **({} if fp32 else {"dtype": self.dtype}))
-        context.__enter__()
-        self._local.__dict__.setdefault("stack", []).append(context)
-        if fp32:
-            return tuple(_to_fp32(a) for a in args)
-        return None
-
-    def exit(self, module, args, output):
-        self._local.stack.pop().__exit__(None, None, None)
-
-
-def _to_fp32(value):
-    """Floating tensors (also in a list / tuple, e.g. feature levels) as float32; anything else unchanged."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
-        return type(value)(_to_fp32(v) for v in value)
-    return value
-
-
-def _set_autocast_hooks(module: nn.Module, device_type: str, dtype: torch.dtype) -> None:
-    for table in (module._forward_pre_hooks, module._forward_hooks):  # an earlier setting (also a copy's)
-        for key in [k for k, hook in table.items() if isinstance(getattr(hook, "__self__", None), _AutocastHooks)]:
-            del table[key]
-            module._forward_hooks_always_called.pop(key, None)
-    hooks = _AutocastHooks(device_type, dtype)
-    module.register_forward_pre_hook(hooks.enter)
-    module.register_forward_hook(hooks.exit, always_call=True)
-
-
-@contextlib.contextmanager
-def autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype,
-                     keep_fp32: Optional[Sequence[str]] = None):
-    """While open, calls of `module` (its forward only: not the backward, not an optimizer step) run under
-    torch.autocast(device_type, dtype), with the submodules named in `keep_fp32` (default fp32_heads(module):
-    the score / box predictors) in float32 (keep_fp32_heads), as autocast_inference does. The mixed-precision
-    training step of d2.train.AutocastTrainer."""
-    hooks = _AutocastHooks(device_type, dtype)
-    handles = (module.register_forward_pre_hook(hooks.enter),
-               module.register_forward_hook(hooks.exit, always_call=True))
-    try:
-        with keep_fp32_heads(module, device_type, keep_fp32):
-            yield module
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def keep_fp32_heads(module: nn.Module, device_type: str, names: Optional[Sequence[str]] = None):
-    """While open, the submodules of `module` named in `names` (default fp32_heads(module)) run with
-    autocast off on float32 inputs, also when the caller has autocast on (mmengine's optim_context)."""
-    handles = []
-    for sub in _submodules(module, fp32_heads(module) if names is None else names, "keep_fp32_heads"):
-        hooks = _AutocastHooks(device_type, torch.float32)
-        handles += [sub.register_forward_pre_hook(hooks.enter),
-                    sub.register_forward_hook(hooks.exit, always_call=True)]
-    try:
-        yield module
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _submodules(model: nn.Module, names: Sequence[str], caller: str) -> List[nn.Module]:
-    modules = dict(model.named_modules())
-    missing = [name for name in names if name not in modules]
-    if missing:
-        raise ValueError(f"{caller}: keep_fp32 names {missing} are not submodules of {type(model).__name__}")
-    return [modules[name] for name in names]
-
-
-def fp32_heads(model: nn.Module) -> List[str]:
-    """Names of the submodules of `model` that FP32_HEADS keeps in float32."""
-    names = []
-    for name, module in model.named_modules():
-        for cls in type(module).__mro__:
-            for attr in FP32_HEADS.get(cls.__name__, ()):
-                if not attr:
-                    names.append(name)
-                elif isinstance(getattr(module, attr, None), nn.Module):
-                    names.append(f"{name}.{attr}" if name else attr)
-    return sorted(set(names))
-
-
-def autocast_inference(model: nn.Module, dtype: torch.dtype = torch.bfloat16, device_type: Optional[str] = None,
-                       keep_fp32: Optional[Sequence[str]] = None) -> nn.Module:
-    """Make `model` (itself: same object, same class) run its forward under torch.autocast(device_type,
-    dtype); device_type defaults to that of the model's first parameter. The submodules named in `keep_fp32`
-    (default: fp32_heads(model), the score and box predictors) run with autocast off on fp32 inputs. Calling
-    it again replaces the earlier setting; `model.autocast_dtype` tells the dtype. Meant for inference
-    (deploy(dtype=...)); mixed-precision training goes through the frameworks' AMP (detectron2 SOLVER.AMP,
-    mmengine AmpOptimWrapper), which keep backward and the optimizer step outside autocast."""
-    if dtype not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast_inference: dtype={dtype} is not one of {[str(d) for d in AUTOCAST_DTYPES]}")
-    if device_type is None:
-        first = next(iter(model.parameters()), None)
-        device_type = first.device.type if first is not None else "cpu"
-    heads = _submodules(model, fp32_heads(model) if keep_fp32 is None else list(keep_fp32), "autocast_inference")
-    _set_autocast_hooks(model, device_type, dtype)
-    for head in heads:
-        _set_autocast_hooks(head, device_type, torch.float32)
-    model.autocast_dtype = dtype
     return model

@@ -9,6 +9,12 @@ transposes to radix-major to weight the splits. This is exactly the paper's per-
 (tests/test_split_attention.py checks it against a literal cardinality-major implementation). The early
 public code normalised over the wrong axis and mixed channels across cardinal groups.
 
+Order of operations, the official code's, for bit-identical features (tests/test_fidelity.py): the global
+context is the spatial mean (adaptive_avg_pool2d) of the sum of the splits, and the output adds the weighted
+splits in radix order, each product rounded on its own (core/radix.py: split_pool, split_sum, on views of the
+conv output in any layout). Reordering (pool first, .mean(), a fused multiply-add) changes the rounding, which
+deep nets amplify (ResNeSt-101 with random BN statistics: 0.07 at res5).
+
 radix >= 2: softmax over the radix splits; radix == 1: a sigmoid gate (SE-like); radix == 0 is not this
 module (the bottleneck uses a plain grouped conv).
 
@@ -23,6 +29,10 @@ from torch.nn import functional as F
 
 from .deform import DeformConv2d
 from .dropblock import dropblock_or_identity
+from .radix import split_pool, split_sum
+
+torch.fx.wrap("split_pool")  # calls in torch.fx graphs (int8 tracing): they branch on the tensor's layout
+torch.fx.wrap("split_sum")
 
 
 def attention_channels(in_channels: int, radix: int, reduction_factor: int = 4) -> int:
@@ -84,53 +94,31 @@ class SplitAttentionConv2d(nn.Module):
         else:
             x = self.conv(x)
         x = self.relu(self.dropblock(self.bn0(x)))
-        # Global context = spatial mean of the sum of the splits, reduced in the official code's order
-        # (sum the splits, then adaptive_avg_pool2d). Do not reorder (e.g. pool first, or .mean()): the
-        # rounding differences grow through deep nets (ResNeSt-101 with random BN statistics: 0.07 at
-        # res5 instead of bit-exact), and tests/test_fidelity.py requires 1e-5 to the official features.
-        if torch.jit.is_scripting():
-            gap = split_context(x, self.radix)
-        else:
-            gap = split_pool(x, self.radix)  # the same arithmetic; a lighter backward
-        gap = self.fc1(gap)
-        if torch.jit.is_scripting():
-            gap = self._attention_norm_scripted(gap)
-        else:
-            gap = attention_norm(self.bn1, gap)
-        attention = self.fc2(self.relu(gap))
-        if self.radix > 1:
-            # Weighted sum of the splits over views of the conv output (no split / stack / copy).
-            return split_sum(x, self.radix, rsoftmax(attention, self.radix, self.cardinality))
-        return x * torch.sigmoid(attention)
+        gap = split_pool(x, self.radix)  # the spatial mean of the sum of the splits
+        gap = self.relu(self.attention_norm(self.fc1(gap)))
+        attention = self.fc2(gap)
+        if self.radix == 1:
+            return x * torch.sigmoid(attention)
+        return split_sum(x, self.radix, rsoftmax(attention, self.radix, self.cardinality))
 
-    def _attention_norm_scripted(self, x: torch.Tensor) -> torch.Tensor:
-        # TorchScript form of attention_norm (which takes a module argument, so cannot be scripted).
-        # hasattr / `is not None` on submodule attributes are resolved at compile time, so Identity, GN
-        # and BN without running statistics compile to the plain call. The process-group check is not
-        # scriptable: a scripted SyncBN at batch 1 per process also uses the running statistics.
-        if hasattr(self.bn1, "running_mean") and hasattr(self.bn1, "num_batches_tracked"):
-            if self.bn1.running_mean is not None and self.training and x.size(0) == 1:
-                return F.batch_norm(x, self.bn1.running_mean, self.bn1.running_var, self.bn1.weight,
-                                    self.bn1.bias, False, 0.0, self.bn1.eps)
-        return self.bn1(x)
-
-
-def attention_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply the norm after the global pool, where each channel has batch-size values.
-
-    BatchNorm in training mode cannot estimate statistics from one value per channel (batch 1: the
-    official code crashes with "Expected more than 1 value per channel"). There we normalise with the
-    running statistics for this step instead of failing, and leave them unchanged.
-    """
-    if (norm.training and isinstance(norm, nn.modules.batchnorm._BatchNorm)
-            and norm.running_mean is not None and x.shape[0] == 1 and not _synced_across_processes(norm)):
-        return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0,
-                            norm.eps)
-    return norm(x)
+    def attention_norm(self, gap: torch.Tensor) -> torch.Tensor:
+        """bn1 on the pooled context, where each channel has batch-size values. BatchNorm in training cannot
+        estimate statistics from one value per channel (batch 1: the official code crashes with "Expected more
+        than 1 value per channel"): there it normalises with its running statistics for this step and leaves
+        them unchanged (not a SyncBN across processes, which sees the global batch; a scripted module does not
+        check that)."""
+        if hasattr(self.bn1, "running_mean") and hasattr(self.bn1, "num_batches_tracked"):  # TorchScript: static
+            if self.bn1.training and gap.size(0) == 1 and self.bn1.running_mean is not None:
+                synced = False
+                if not torch.jit.is_scripting():
+                    synced = _synced_across_processes(self.bn1)
+                if not synced:
+                    return F.batch_norm(gap, self.bn1.running_mean, self.bn1.running_var, self.bn1.weight,
+                                        self.bn1.bias, False, 0.0, self.bn1.eps)
+        return self.bn1(gap)
 
 
 def _synced_across_processes(norm: nn.Module) -> bool:
-    # SyncBN in a multi-process run sees the whole global batch, so batch 1 per process is fine there.
     return (isinstance(norm, nn.SyncBatchNorm) and torch.distributed.is_available()
             and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
 
@@ -139,129 +127,12 @@ def rsoftmax(attention: torch.Tensor, radix: int, cardinality: int) -> torch.Ten
     """rSoftMax: the split weights (B, radix, C, 1, 1), radix-major, from fc2's output (B, radix*C, 1, 1)
     whose rows are cardinality-major (k, r, c): a softmax over radix within each cardinal group. The fused
     path permutes fc2's rows to radix-major once and passes cardinality=1 (the transpose is then a view).
-
-    The softmax is computed in float32 whatever the input's dtype (bf16 / fp16 under torch.autocast or in a
-    half-precision model, where autocast itself would leave it in half precision), and its result is
-    returned in the input's dtype. For float32 input both casts are no-ops: bit-identical to before."""
+    Computed in float32 whatever the input's dtype (under bf16 / fp16 autocast, which would leave it in half
+    precision), returned in the input's dtype."""
     batch = attention.size(0)
     attention = attention.view(batch, cardinality, radix, -1).transpose(1, 2)
     weights = F.softmax(attention.float(), dim=1).to(attention.dtype)
     return weights.reshape(batch, radix, -1, 1, 1)
-
-
-def split_sum(x: torch.Tensor, radix: int, attention: Optional[torch.Tensor] = None,
-              fma: bool = False) -> torch.Tensor:
-    """The radix reduction: sum_r x[:, r*C:(r+1)*C] (* attention[:, r]) for a radix-major (B, radix*C, H, W)
-    `x` and, if given, split weights `attention` (B, radix, C, 1, 1), over views of `x` (no split / stack /
-    copy). channels_last inputs give channels_last outputs: the reduction runs over the (B, H*W, radix, C)
-    memory order (the (B, radix, C, H, W) view would be a strided reduction with an NCHW result, 2-4x slower
-    forward + backward).
-
-    Default (the training form, SplitAttentionConv2d): bit-identical to the official `sum(torch.split(x, C, 1))`
-    and `sum([att * split for ...])`: each product is rounded on its own and the splits are added in radix
-    order (no fused multiply-add, which rounds differently and which deep nets amplify past the 1e-5 fidelity
-    bound of tests/test_fidelity.py). Two forms of the same arithmetic for the weighted sum:
-      - with autograd: one broadcast multiply over a (B, radix, C, H, W) view and a sum over radix. Its
-        backward is one multiply per input, where per-split products (`x[:, r] * a[:, r]`) would make
-        autograd fill a zero (B, radix*C, H, W) gradient per split and add them up: 2x slower backward;
-      - without (eval, no_grad): radix-2 products of the two split views and one add: no
-        (B, radix*C, H, W) temporary.
-    fma=True (the fused inference path, core/fuse.py), radix 2: one multiply and one in-place fused
-    multiply-add (addcmul_) into a preallocated output in `x`'s layout: each split is read once and no
-    (B, radix*C, H, W) product is materialised; it may round differently, by about 1e-7 relative.
-    """
-    batch, height, width = x.size(0), x.size(2), x.size(3)
-    channels = x.size(1) // radix
-    channels_last = _channels_last(x)
-    if attention is not None and fma and radix == 2:
-        splits = x.view(batch, 2, channels, height, width)
-        if torch.jit.is_tracing() or x.requires_grad:  # export / autograd: functional ops only
-            return torch.addcmul(splits[:, 0] * attention[:, 0], splits[:, 1], attention[:, 1])
-        out = split_output(x, radix)
-        torch.mul(splits[:, 0], attention[:, 0], out=out)
-        return out.addcmul_(splits[:, 1], attention[:, 1])
-    if channels_last and torch.compiler.is_compiling():
-        # torch.compile: the reduction over the radix view, then the layout asked for. Inductor fuses either
-        # form, and the (B, H*W, radix, C) view below stops its stride ordering with dynamic shapes
-        # ("cannot determine truth value of Relational", torch 2.14).
-        splits = x.view(batch, radix, channels, height, width)
-        out = splits.sum(1) if attention is None else (splits * attention).sum(1)
-        return out.contiguous(memory_format=torch.channels_last)
-    if channels_last:
-        hwrc = x.permute(0, 2, 3, 1).reshape(batch, height * width, radix, channels)  # a view
-        if attention is not None:
-            hwrc = hwrc * attention.view(batch, 1, radix, channels)
-        return hwrc.sum(2).view(batch, height, width, channels).permute(0, 3, 1, 2)
-    splits = x.view(batch, radix, channels, height, width)
-    if attention is None:
-        return splits.sum(1)
-    else:
-        if radix == 2 and not (x.requires_grad or attention.requires_grad):
-            return splits[:, 0] * attention[:, 0] + splits[:, 1] * attention[:, 1]
-        return (splits * attention).sum(1)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def split_output(x: torch.Tensor, radix: int) -> torch.Tensor:
-    """An empty (B, C, H, W) tensor for the weighted sum of the radix splits of `x` (B, radix*C, H, W), in
-    x's layout (channels_last or contiguous). An explicit output, because a product of the split views gets
-    odd strides at batch 1 (the batch stride of a channels_last view is C), which pooling / conv layers
-    then read as NCHW and copy."""
-    channels_last = _channels_last(x)
-    return torch.empty([x.size(0), x.size(1) // radix, x.size(2), x.size(3)], dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-# A leaf for torch.fx: symbolic tracing (int8 FX quantization) records split_sum as one call instead of
-# branching on the traced tensor's memory format.
-torch.fx.wrap("split_sum")
-
-
-def split_context(x: torch.Tensor, radix: int) -> torch.Tensor:
-    """The global context with plain ops: adaptive_avg_pool2d of the split sum (of x itself for radix 1)."""
-    return F.adaptive_avg_pool2d(split_sum(x, radix) if radix > 1 else x, 1)
-
-
-class _SplitPool(torch.autograd.Function):
-    """adaptive_avg_pool2d(split_sum(x, radix), 1) whose backward returns the gradient as what it is: the
-    same value over every split and pixel, a broadcast (stride-0) view of a (B, radix*C, 1, 1) tensor. Autograd's
-    own backward materialises it at full size twice (the pool's backward, then a copy to undo the radix
-    view) before adding it to the weighted sum's gradient; a broadcast view is added in place instead. The
-    values are the same (tests/test_split_attention.py compares the gradients; 1.7% of a ResNeSt-50 training
-    step at 2x512x768 here)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, radix: int) -> torch.Tensor:
-        ctx.shape, ctx.radix = x.shape, radix
-        return split_context(x, radix)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        batch, channels, height, width = ctx.shape
-        grad = (grad / (height * width)).reshape(batch, 1, channels // ctx.radix)
-        grad = grad.expand(batch, ctx.radix, channels // ctx.radix).reshape(batch, channels, 1, 1)
-        return grad.expand(batch, channels, height, width), None  # linear in grad: double backward works
-
-
-@torch.jit.unused
-def split_pool(x: torch.Tensor, radix: int) -> torch.Tensor:
-    """Global context of the split-attention block: the spatial mean of the sum of the radix splits (B, C, 1, 1),
-    reduced in the official code's order (sum the splits, then adaptive_avg_pool2d). Under autograd, with a
-    lighter backward (_SplitPool); under jit tracing, the plain ops."""
-    if x.requires_grad and not torch.jit.is_tracing():
-        return _SplitPool.apply(x, radix)
-    return split_context(x, radix)
-
-
-torch.fx.wrap("split_pool")
-
-
-def weighted_split_sum(x: torch.Tensor, attention: torch.Tensor, radix: int) -> torch.Tensor:
-    """The splits of `x` weighted by `attention` and summed, in the training form: split_sum."""
-    return split_sum(x, radix, attention)
 
 
 def _pooled_norm(norm_layer: Callable[[int], nn.Module], channels: int) -> nn.Module:

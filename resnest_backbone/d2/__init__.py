@@ -12,6 +12,7 @@ with warnings.catch_warnings():  # detectron2 0.6 + torch 2.x: torch.jit.script 
     warnings.simplefilter("ignore", FutureWarning)
     import detectron2.modeling  # noqa: F401
 
+from ..core.precision import register_fp32_heads
 from .backbone import (ResNeStBackbone, build_resnest_backbone, build_resnest_fpn_backbone,
                        build_resnest_retinanet_fpn_backbone, resnest_kwargs_from_cfg)
 from .checkpoint import SafeDetectionCheckpointer
@@ -21,6 +22,8 @@ from .deeplab import add_resnest_deeplab_config, build_resnest_deeplab_backbone 
 from .hooks import ResNeStDropBlockHook, ResNeStPreciseBN, build_dropblock_hook
 from .model_zoo import get_config, get_config_file, list_configs
 
+register_fp32_heads({"FastRCNNOutputLayers": ("",), "StandardRPNHead": ("objectness_logits", "anchor_deltas"),
+                     "RetinaNetHead": ("cls_score", "bbox_pred"), "MaskRCNNConvUpsampleHead": ("predictor",)})
 DEMO_DATASETS = register_demo_datasets()  # resnest_demo_*: generated under $DETECTRON2_DATASETS on first load
 
 __all__ = ["DEMO_DATASETS", "DatasetMissingError", "ResNeStBackbone", "ResNeStDropBlockHook", "ResNeStPreciseBN",

@@ -89,7 +89,7 @@ def keep_unused_norm_stats(model: torch.nn.Module) -> Iterator[None]:
     in training mode) whose forward never ran inside the block gets its running mean and variance back, with
     a warning naming it. fvcore skips such a layer in every batch and then writes its empty estimate: zeros
     (a zero variance). In a ResNeSt that is the split-attention norm after the global pool at one image per
-    process, which normalises with the running statistics instead (core.split_attention.attention_norm)."""
+    process, which normalises with the running statistics instead (SplitAttentionConv2d.attention_norm)."""
     layers = [m for m in get_bn_modules(model) if m.running_mean is not None and m.running_var is not None]
     names = {id(m): n for n, m in model.named_modules()}
     saved = {id(m): (m.running_mean.clone(), m.running_var.clone()) for m in layers}

@@ -37,7 +37,7 @@ from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetE
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..core.fuse import autocast_forward
+from ..core.precision import autocast_forward
 from .checkpoint import SafeDetectionCheckpointer
 from .config import add_resnest_config
 from .deeplab import add_resnest_deeplab_config
@@ -143,7 +143,7 @@ class AutocastTrainer(SimpleTrainer):
     """detectron2's SimpleTrainer with the model's forward (the losses) under torch.autocast(device_type,
     precision): mixed precision in bfloat16, which has float32's exponent range, so needs no loss scaling
     (detectron2's AMPTrainer needs CUDA and always scales for float16). The score / box predictors
-    (core.fuse.FP32_HEADS) run in float32, as in the bf16 inference path. Backward and the optimizer step run
+    (core.precision.FP32_HEADS) run in float32, as in the bf16 inference path. Backward and the optimizer step run
     outside autocast, on the float32 parameters, as in AMPTrainer."""
 
     def __init__(self, model, data_loader, optimizer, device_type: str = "cpu",

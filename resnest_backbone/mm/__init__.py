@@ -16,6 +16,7 @@ Importing this package also lets mmengine 0.10.7 read back its own training chec
 import importlib
 import importlib.util
 
+from ..core.precision import register_fp32_heads
 from .amp import AnyDeviceAmpOptimWrapper  # noqa: E402  (registers it in mmengine's OPTIM_WRAPPERS)
 from .backbone import ResNeStSA, mm_norm
 from .compat import allow_mmengine_checkpoints
@@ -49,6 +50,8 @@ def _register() -> list:
     return registered
 
 
+register_fp32_heads({"BBoxHead": ("fc_cls", "fc_reg"), "RPNHead": ("rpn_cls", "rpn_reg"),
+                     "BaseRoIExtractor": ("",)})  # mmdet's, by name (optional); mmcv's CPU RoIAlign: no bf16
 REGISTERED_IN = _register()
 HOOKS_REGISTERED_IN = register_hooks()  # ResNeStDropBlockHook: mmengine's HOOKS, and mmdet's / mmseg's
 allow_mmengine_checkpoints()

@@ -17,7 +17,7 @@ from mmengine.device import is_cuda_available, is_mlu_available, is_musa_availab
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 
-from ..core.fuse import keep_fp32_heads
+from ..core.precision import keep_fp32_heads
 
 __all__ = ["AnyDeviceAmpOptimWrapper"]
 
@@ -25,7 +25,7 @@ __all__ = ["AnyDeviceAmpOptimWrapper"]
 @OPTIM_WRAPPERS.register_module(force=True)
 class AnyDeviceAmpOptimWrapper(AmpOptimWrapper):
     """mmengine's AmpOptimWrapper (its autocast, and its loss scaling on the accelerators it supports), with
-    the model's score / box predictors (core.fuse.FP32_HEADS: mmdet's RPNHead rpn_cls / rpn_reg, BBoxHead
+    the model's score / box predictors (core.precision.FP32_HEADS: mmdet's RPNHead rpn_cls / rpn_reg, BBoxHead
     fc_cls / fc_reg; the RoI extractor) run in float32 inside the autocast region: proposals and their NMS stay
     fp32 (mmcv's CPU nms and RoIAlign refuse bf16; bf16 coordinates are 2 px apart between 256 and 512, 4 px
     up to 1024). On the CPU: autocast in

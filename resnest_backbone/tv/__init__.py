@@ -6,13 +6,12 @@
     model = torchvision.models.detection.MaskRCNN(backbone, num_classes=91)   # or RetinaNet
     model = deeplabv3_resnest("resnest50", num_classes=21, aux_loss=True, weights_backbone="resnest50")
 
-    fast = core.fuse.deploy(model)                                          # the fast path, as for any model
-    fast = core.fuse.autocast_inference(fast, torch.bfloat16, keep_fp32=fp32_heads(fast))  # bf16, fp32 boxes
+    fast = core.fuse.deploy(model)                           # the fast path, as for any model
+    fast = core.fuse.deploy(model, dtype=torch.bfloat16)     # bf16; scores and boxes in fp32
 
-Importing it registers nothing and changes nothing in torchvision.
+Importing it changes nothing in torchvision; it names torchvision's score and box layers to the core's
+precision policy (core.precision.register_fp32_heads), as the other adapters do.
 """
-from .models import (FP32_HEADS, ResNeStBody, deeplabv3_resnest, fasterrcnn_resnest_fpn, fp32_heads,
-                     resnest_fpn_backbone)
+from .models import ResNeStBody, deeplabv3_resnest, fasterrcnn_resnest_fpn, resnest_fpn_backbone
 
-__all__ = ["FP32_HEADS", "ResNeStBody", "deeplabv3_resnest", "fasterrcnn_resnest_fpn", "fp32_heads",
-           "resnest_fpn_backbone"]
+__all__ = ["ResNeStBody", "deeplabv3_resnest", "fasterrcnn_resnest_fpn", "resnest_fpn_backbone"]

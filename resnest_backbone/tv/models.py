@@ -7,7 +7,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _validate_trainable_layers
-from torchvision.models.detection.faster_rcnn import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetRegressionHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
@@ -15,18 +18,14 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..convert import load_weights
 from ..core import ResNeSt, get_variant
+from ..core.precision import register_fp32_heads
 from ..core.trunk import STAGE_MODULES, STAGE_NAMES
 
-# The layers of torchvision's detectors whose outputs become scores and box coordinates: for bf16 inference,
-# autocast_inference(deploy(model), torch.bfloat16, keep_fp32=fp32_heads(model)) runs them in float32 (their
-# inputs cast), so boxes are decoded and ranked in float32, as the core does for detectron2 and mmdet heads.
-FP32_HEADS = ("rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor", "roi_heads.mask_predictor",
-              "head.classification_head.cls_logits", "head.regression_head.bbox_reg")
-
-
-def fp32_heads(model: nn.Module) -> List[str]:
-    """The FP32_HEADS that `model` has."""
-    return [name for name, _ in model.named_modules() if name in FP32_HEADS]
+# The layers of torchvision's detectors whose outputs become scores and box coordinates run in float32 under
+# bf16 autocast (deploy(model, dtype=torch.bfloat16)), so boxes are decoded and ranked in float32, as for the
+# detectron2 and mmdet heads. Registered by class: mmdet has an `RPNHead` too.
+register_fp32_heads({RPNHead: ("cls_logits", "bbox_pred"), FastRCNNPredictor: ("",), MaskRCNNPredictor: ("mask_fcn_logits",),
+                     RetinaNetClassificationHead: ("cls_logits",), RetinaNetRegressionHead: ("bbox_reg",)})
 
 
 class ResNeStBody(ResNeSt):

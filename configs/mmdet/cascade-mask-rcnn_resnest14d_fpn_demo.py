@@ -7,7 +7,6 @@
 _base_ = './cascade-mask-rcnn_resnest50_fpn_1x_coco.py'
 
 # Narrower than the COCO models (FPN and heads 128 channels instead of 256), fewer proposals.
-norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(
     backbone=dict(variant='resnest14d', init_cfg=None),
     neck=dict(out_channels=128),
@@ -15,15 +14,9 @@ model = dict(
                   anchor_generator=dict(scales=[4])),  # objects are 16-56 px
     roi_head=dict(
         bbox_roi_extractor=dict(out_channels=128),
-        # the recipe's three stages (a list replaces the base's), narrower and with 3 classes
-        bbox_head=[
-            dict(type='Shared4Conv1FCBBoxHead', in_channels=128, conv_out_channels=128, fc_out_channels=512,
-                 norm_cfg=norm_cfg, roi_feat_size=7, num_classes=3,
-                 bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0., 0., 0., 0.], target_stds=stds),
-                 reg_class_agnostic=True,
-                 loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
-                 loss_bbox=dict(type='SmoothL1Loss', beta=1.0, loss_weight=1.0))
-            for stds in ([0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067])],
+        # the recipe's three stages, narrower and with 3 classes
+        bbox_head=[dict(head, in_channels=128, conv_out_channels=128, fc_out_channels=512, num_classes=3)
+                   for head in _base_.model.roi_head.bbox_head],
         mask_roi_extractor=dict(out_channels=128),
         mask_head=dict(in_channels=128, conv_out_channels=128, num_classes=3)),
     # (the three rcnn stages keep the recipe's samplers; at most 200 proposals per image reach them)

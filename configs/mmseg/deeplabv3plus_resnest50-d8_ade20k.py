@@ -6,14 +6,9 @@
 #
 # Weights: resnest-convert resnest50-528c19ca.pth checkpoints/resnest50_mmdet.pth --format mmdet
 # Train: python tools/train.py configs/mmseg/deeplabv3plus_resnest50-d8_ade20k.py  (mmseg's tools/train.py)
-_base_ = 'mmseg::deeplabv3plus/deeplabv3plus_r50-d8_4xb4-160k_ade20k-512x512.py'
+_base_ = ['mmseg::deeplabv3plus/deeplabv3plus_r50-d8_4xb4-160k_ade20k-512x512.py',
+          '../mmdet/_base_/resnest_plugin.py']
 
-# Registers the `ResNeStSA` backbone in mmseg's (and mmdet's) MODELS.
-custom_imports = dict(imports=['resnest_backbone.mm'], allow_failed_imports=False)
-# Warns before the run when ResNeSt weights meet BGR input or another mean/std (resnest_backbone/guards.py).
-custom_hooks = [dict(type='ResNeStInputCheckHook')]
-
-norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(
     pretrained=None,  # the base's ResNet-V1c weights; ours come through the backbone's init_cfg
     # ResNeSt was trained on RGB images with these statistics (mmseg's ResNeSt configs keep ResNet's).
@@ -23,12 +18,13 @@ model = dict(
         _delete_=True,  # do not inherit the ResNetV1c keys
         type='ResNeStSA',
         variant='resnest50',
-        # output stride 8: res4 and res5 dilated (2, 4) instead of strided, half the dilation in the first
-        # block of a dilated stage (contract_dilation), as in mmseg's ResNetV1c and the official `dilated=True`.
+        # output stride 8 (mmseg's -d8): res4 and res5 dilated (2, 4) instead of strided; the first block of a
+        # dilated stage uses half the dilation (contract_dilation), as mmseg's ResNetV1c and the official
+        # ResNeSt `dilated=True` do.
         strides=(1, 2, 1, 1),
         dilations=(1, 1, 2, 4),
         contract_dilation=True,
         out_indices=(0, 1, 2, 3),
-        norm_cfg=norm_cfg,
+        norm_cfg=dict(type='SyncBN', requires_grad=True),
         norm_eval=False,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/resnest50_mmdet.pth')))

@@ -9,7 +9,7 @@
 The project's DeepLabV3PlusHead works with the same backbone (MODEL.RESNETS.OUT_FEATURES ["res2", "res5"]).
 Call add_resnest_deeplab_config(cfg) before merging a DeepLab config.
 """
-from typing import Dict
+from typing import Dict, Optional
 
 from torch import nn
 from torch.nn import functional as F
@@ -29,6 +29,11 @@ from .config import add_resnest_config
 
 # detectron2's DeepLab ResNet says the output stride with MODEL.RESNETS.RES4_DILATION / RES5_DILATION.
 _DILATIONS_TO_STRIDE = {(1, 1): 32, (1, 2): 16, (2, 4): 8}
+
+
+def deeplab_import_error() -> Optional[ImportError]:
+    """Why detectron2.projects.deeplab did not import (its keys and DeepLabV3AuxHead are then missing), or None."""
+    return _DEEPLAB_IMPORT_ERROR
 
 
 def add_resnest_deeplab_config(cfg) -> None:

@@ -40,13 +40,13 @@ import torch
 from torch.utils import data as torchdata
 
 from detectron2.data.build import worker_init_reset_seed
-from detectron2.engine import DefaultTrainer
 from detectron2.data.common import DatasetFromList
+from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 from detectron2.utils.serialize import PicklableWrapper
 
-from .compat import TRAINER_SAVES_OPTIMIZER
 from ..seeding import LOADER, SAMPLE, mix_seed, seed_step, seeded, torch_seed
+from .compat import TRAINER_SAVES_OPTIMIZER
 
 __all__ = ["ExactResumeMixin", "ResumableTrainLoader", "build_resumable_train_loader", "exactness_notes"]
 
@@ -292,9 +292,12 @@ class ExactResumeMixin:
         super().load_state_dict(state_dict)
         if not self.exact_resume:
             return
-        if not TRAINER_SAVES_OPTIMIZER and "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
         self._not_restored = []
+        if "_trainer" not in state_dict:
+            self._not_restored.append("the checkpoint has no optimizer state (written by detectron2 v0.6's "
+                                      "DefaultTrainer): the optimizer's momentum starts again from zero")
+        elif not TRAINER_SAVES_OPTIMIZER:
+            self._trainer.load_state_dict(state_dict["_trainer"])
         saved = state_dict.get("exact_resume")
         if saved is None:
             self._not_restored.append("the checkpoint has no data stream position or seed (written without exact "

@@ -44,7 +44,7 @@ from ..core.precision import autocast_forward
 from .checkpoint import SafeDetectionCheckpointer
 from .compat import CpuDistributedDataParallel, create_local_process_group, has_fast_coco_eval
 from .config import add_resnest_config
-from .deeplab import add_resnest_deeplab_config, deeplab_import_error
+from .deeplab import add_resnest_deeplab_config, deeplab_key_error
 from .hooks import ResNeStHooksMixin
 from .model_zoo import get_config_file
 from .resume import ExactResumeMixin, build_resumable_train_loader
@@ -70,8 +70,10 @@ def get_resnest_cfg():
     merge_config names its import error if a config then needs them)."""
     cfg = get_cfg()
     add_resnest_config(cfg)
-    if deeplab_import_error() is None:
+    try:
         add_resnest_deeplab_config(cfg)
+    except ImportError:
+        pass
     return cfg
 
 
@@ -84,24 +86,10 @@ def merge_config(cfg, config_file: Optional[str], opts=()) -> None:
             cfg.merge_from_file(get_config_file(config_file))
         cfg.merge_from_list(list(opts or []))
     except KeyError as exc:
-        error = deeplab_import_error()
-        if error is None or not _is_deeplab_key(str(exc.args[0] if exc.args else "")):
+        error = deeplab_key_error(exc, config_file or "the overrides")
+        if error is None:
             raise
-        raise ImportError(f"{config_file or 'the overrides'}: {exc.args[0]}: a DeepLab key, and detectron2's "
-                          f"DeepLab project, which defines it, did not import: {error}") from exc
-
-
-# The keys detectron2.projects.deeplab.add_deeplab_config adds (v0.6 and main) and the auxiliary-head keys of
-# add_resnest_deeplab_config, by prefix.
-_DEEPLAB_KEYS = ("INPUT.CROP.SINGLE_CATEGORY_MAX_AREA", "SOLVER.POLY_LR_", "MODEL.SEM_SEG_HEAD.LOSS_TYPE",
-                 "MODEL.SEM_SEG_HEAD.PROJECT_", "MODEL.SEM_SEG_HEAD.ASPP_", "MODEL.SEM_SEG_HEAD.AUX_",
-                 "MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV", "MODEL.RESNETS.RES4_DILATION",
-                 "MODEL.RESNETS.RES5_MULTI_GRID", "MODEL.RESNETS.STEM_TYPE")
-
-
-def _is_deeplab_key(message: str) -> bool:
-    key = message.rsplit(" ", 1)[-1]  # "Non-existent config key: MODEL.SEM_SEG_HEAD.ASPP_CHANNELS"
-    return key.startswith(_DEEPLAB_KEYS)
+        raise error from exc
 
 
 def check_device(device: str, key: str = "MODEL.DEVICE", fix: str = "MODEL.DEVICE cpu",

@@ -22,7 +22,7 @@ def _cfg(*opts, config="demo_faster_rcnn_resnest.yaml"):
 
     cfg = get_resnest_cfg()
     cfg.merge_from_file(os.path.join(REPO, "configs", config))
-    cfg.merge_from_list(list(opts))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
     adapt_cfg_to_device(cfg)
     return cfg
 

@@ -297,6 +297,18 @@ def test_d2_hook_in_a_detectron2_training_loop():
 
 
 @pytest.mark.d2
+def test_d2_hook_on_a_model_without_dropblock_is_an_error_naming_the_fix():
+    d2_hooks = _d2_hooks()
+    from detectron2.engine import SimpleTrainer
+
+    model = _tiny(0.0)  # built without DropBlock
+    trainer = SimpleTrainer(model, iter([]), torch.optim.SGD(model.parameters(), lr=1e-3))
+    trainer.register_hooks([d2_hooks.ResNeStDropBlockHook(drop_prob=0.1)])
+    with pytest.raises(ValueError, match="the model has no DropBlock2D.*MODEL.RESNEST.DROPBLOCK_PROB > 0"):
+        trainer.train(0, 5)
+
+
+@pytest.mark.d2
 def test_d2_trainer_adds_the_hook(monkeypatch):
     d2_hooks = _d2_hooks()
     from detectron2.engine import DefaultTrainer

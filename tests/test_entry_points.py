@@ -113,17 +113,32 @@ def _cli_cases(path, tmp_path):
     ]
 
 
+def _tree(folder):
+    """Every file and folder under `folder`, with each file's size and modification time."""
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            found[os.path.relpath(path, folder)] = None if name in dirs else (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
 @pytest.mark.d2
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_command_line_tool_refuses_crafted_files(crafted, tmp_path, kind):
+    """... and writes nothing: the whole folder the commands run in and write to (their output folders and
+    files, the --resume folder that holds the crafted checkpoint) is as it was before each command."""
     path, marker = crafted[kind]
     for name, cmd in _cli_cases(path, tmp_path):
+        before = _tree(tmp_path)
         proc = _run(cmd, tmp_path)
         assert proc.returncode != 0, f"{name}: exit 0 on a crafted {kind}\n{proc.stdout[-2000:]}"
         assert os.path.basename(str(path)) in proc.stdout and "refused" in proc.stdout, \
             f"{name}: the message does not name the file or the refusal\n{proc.stdout[-3000:]}"
         assert not marker.exists(), f"{name}: the payload ran"
-    assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]  # nothing written
+        after = _tree(tmp_path)
+        assert after == before, f"{name} wrote {sorted(set(after.items()) - set(before.items()))}"
 
 
 @pytest.mark.d2

@@ -216,6 +216,17 @@ def test_freeze_at_override_and_device_adaptation():
     assert cascade.model.backbone.bottom_up.norm == "SyncBN"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA: the recipe's device is there")
+def test_a_cuda_recipe_without_cuda_is_an_error_naming_the_fix():
+    from resnest_backbone.d2.train import DeviceError
+
+    cfg = lazy_cfg("faster_rcnn_resnest50_fpn")
+    assert cfg.train.device == "cuda"
+    with pytest.raises(DeviceError, match="train.device is 'cuda', but CUDA is not available.*`train.device=cpu`"):
+        adapt_lazy_cfg_to_device(cfg)
+    assert cfg.train.device == "cuda"  # not switched behind the user's back
+
+
 # --------------------------------------------------------------------------- tools/train_net.py, real processes
 DEMO = ["dataloader.train.dataset.names=resnest_demo_det_train",
         "dataloader.test.dataset.names=resnest_demo_det_val_mini",
@@ -231,7 +242,8 @@ DEMO = ["dataloader.train.dataset.names=resnest_demo_det_train",
 def demo_opts(name, output_dir):
     classes = "model.num_classes=3" if name.startswith("retinanet") else "model.roi_heads.num_classes=3"
     fewer = [] if name.startswith("retinanet") else ["model.proposal_generator.post_nms_topk=[1000,50]"]
-    return [*DEMO, classes, *fewer, f"train.output_dir={output_dir}"]
+    device = [] if torch.cuda.is_available() else ["train.device=cpu"]  # the recipes ask for CUDA
+    return [*DEMO, classes, *fewer, *device, f"train.output_dir={output_dir}"]
 
 
 def train_net(*args, cwd):
@@ -267,7 +279,7 @@ def test_train_net_trains_and_evaluates_on_the_demo_data(recipe, tmp_path):
     # the run's config: saved by default_setup as LazyConfig yaml, adapted to the device
     saved = LazyConfig.load(str(out / "config.yaml"))
     assert saved.model.backbone.bottom_up.variant == "resnest50" and saved.model.backbone.bottom_up.freeze_at == 2
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # as asked (train.device=cpu), heads' SyncBN adapted to the CPU
         assert saved.train.device == "cpu" and saved.model.backbone.norm == "naiveSyncBN"
     assert saved.model.backbone.bottom_up.norm == "SyncBN"
 
@@ -301,11 +313,10 @@ UPSTREAM_TOOL = os.path.join(sys.prefix, "detectron2-tools", "lazyconfig_train_n
 def test_upstream_lazyconfig_train_net_runs_the_configs_unmodified(tmp_path):
     """detectron2's own tools/lazyconfig_train_net.py, run directly: the config imports the plugin itself."""
     name, out = "retinanet_resnest101_fpn", tmp_path / "run"
-    device = [] if torch.cuda.is_available() else ["train.device=cpu"]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))
     proc = subprocess.run([sys.executable, UPSTREAM_TOOL, "--config-file", os.path.join(LAZY, name + ".py"),
-                           *demo_opts(name, out), *device], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           *demo_opts(name, out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert "ResNeStBackbone" in proc.stdout and list(ap_lines(proc.stdout)) == ["bbox"]

@@ -330,7 +330,7 @@ def two_process_run(tmp_path_factory):
 
     out_dir = tmp_path_factory.mktemp("syncbn_two_processes")
     launch(_two_process_main, len(IMAGES), dist_url=f"file://{out_dir / 'store'}", args=(str(out_dir),),
-           timeout=TIMEOUT)
+           timeout=TIMEOUT, device="cpu")
     return out_dir
 
 

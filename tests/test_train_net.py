@@ -1,6 +1,8 @@
 """tools/train_net.py pieces: every project config builds its model; the trainer picks COCOEvaluator or
 SemSegEvaluator from the dataset; COCO / ADE20K are read from $DETECTRON2_DATASETS with a clear error naming
-the missing path; the ADE20K label conversion; the CPU launch fallback."""
+the missing path; the ADE20K label conversion; the device decisions (a CUDA config without CUDA is an error
+naming the fix, the process-group backend and --deploy int8 follow the config's device); a DeepLab config
+without detectron2's DeepLab project names that import's error."""
 import os
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import torch
 import resnest_backbone.d2  # noqa: F401  (registers the backbones and the demo sets)
 from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 from detectron2.modeling import build_model
-from resnest_backbone.d2.train import Trainer, adapt_cfg_to_device, get_resnest_cfg, launch
+from resnest_backbone.d2.train import (DeviceError, Trainer, adapt_cfg_to_device, check_deploy, check_device,
+                                       get_resnest_cfg, launch, process_group_backend)
 
 pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
 
@@ -24,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _cfg(config, *opts):
     cfg = get_resnest_cfg()
     cfg.merge_from_file(os.path.join(REPO, "configs", config))
-    cfg.merge_from_list(list(opts))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
     adapt_cfg_to_device(cfg)
     return cfg
 
@@ -60,7 +63,70 @@ def test_evaluator_follows_the_dataset(tmp_path):
 
 
 def test_cpu_launch_single_process_runs_in_place():
-    assert launch(lambda x: x * 2, 1, args=(21,), backend="gloo") == 42
+    assert launch(lambda x: x * 2, 1, args=(21,), device="cpu") == 42
+
+
+def test_a_cuda_config_without_cuda_is_an_error_naming_the_fix():
+    with pytest.raises(DeviceError, match="MODEL.DEVICE is 'cuda', but CUDA is not available.*add `MODEL.DEVICE cpu`"):
+        check_device("cuda", cuda_available=False)
+    with pytest.raises(DeviceError, match="add `train.device=cpu`"):
+        check_device("cuda:1", "train.device", "train.device=cpu", cuda_available=False)
+    assert check_device("cuda", cuda_available=True) == "cuda" and check_device("cpu", cuda_available=False) == "cpu"
+    # the demo configs say cpu themselves
+    for name in ("demo_faster_rcnn_resnest.yaml", "demo_deeplabv3_resnest.yaml"):
+        cfg = get_resnest_cfg()
+        cfg.merge_from_file(os.path.join(REPO, "configs", name))
+        assert cfg.MODEL.DEVICE == "cpu", name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA: the recipe's device is there")
+def test_train_net_stops_on_a_cuda_recipe_without_cuda_and_writes_nothing(tmp_path):
+    """A recipe (MODEL.DEVICE cuda, detectron2's default) on a machine without CUDA: tools/train_net.py exits
+    with the one-line fix before any process starts or any file is written; no silent CPU run."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config", "faster_rcnn_resnest50_fpn.yaml",
+           "--num-gpus", "2", "OUTPUT_DIR", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert "train_net: error: MODEL.DEVICE is 'cuda', but CUDA is not available" in proc.stdout
+    assert "add `MODEL.DEVICE cpu`" in proc.stdout and not out.exists()
+
+
+def test_process_group_backend_and_int8_follow_the_configs_device():
+    """`MODEL.DEVICE cpu --num-gpus N` on a GPU machine runs gloo (NCCL cannot carry CPU tensors); int8
+    evaluation runs on the CPU, so it is refused up front for a CUDA model, naming the fix."""
+    assert process_group_backend("cpu") == "gloo" and process_group_backend("cuda") == "nccl"
+    assert process_group_backend("cuda:3") == "nccl"
+    assert process_group_backend(None) == ("nccl" if torch.cuda.is_available() else "gloo")
+    with pytest.raises(DeviceError, match="--deploy int8 runs on the CPU.*'cuda'.*add `MODEL.DEVICE cpu`"):
+        check_deploy("int8", True, "cuda")
+    with pytest.raises(DeviceError, match="add --eval-only"):
+        check_deploy("fp32", False, "cpu")
+    check_deploy("int8", True, "cpu")
+    check_deploy("bf16", True, "cuda")
+    check_deploy(None, False, "cuda")
+
+
+DEEPLAB_MISSING = textwrap.dedent("""
+    import sys
+    sys.modules["detectron2.projects.deeplab"] = None  # a detectron2 without its DeepLab project
+    from resnest_backbone.d2.model_zoo import get_config
+    get_config("faster_rcnn_resnest50_fpn.yaml")  # a detection config needs no DeepLab key
+    try:
+        get_config("deeplabv3_resnest50_ade20k.yaml")
+    except ImportError as exc:
+        print("ERROR", exc)
+""")
+
+
+def test_a_deeplab_config_without_the_deeplab_project_names_its_import_error():
+    proc = subprocess.run([sys.executable, "-c", DEEPLAB_MISSING], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("ERROR"))
+    assert "deeplabv3_resnest50_ade20k.yaml: Non-existent config key: MODEL.SEM_SEG_HEAD." in line
+    assert "DeepLab project, which defines it, did not import: import of detectron2.projects.deeplab halted" in line
 
 
 MISSING = textwrap.dedent("""

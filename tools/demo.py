@@ -154,6 +154,8 @@ def main(argv=None) -> dict:
     start = time.time()
     import torch
 
+    from detectron2.engine import default_setup
+
     from resnest_backbone.d2 import register_demo_subset  # registers the ResNeSt backbones and the demo sets
     from resnest_backbone.d2.train import Trainer, setup_cfg
     from resnest_backbone.data import ensure_demo_data
@@ -174,8 +176,10 @@ def main(argv=None) -> dict:
         test_name = register_demo_subset(test_name, args.val_limit)
     # Evaluated once, after training (below), rather than also by the trainer's end-of-training hook.
     opts += ["OUTPUT_DIR", args.output, "DATASETS.TEST", "()"]
-    _fresh_output(args.output)
-    cfg = setup_cfg(argparse.Namespace(config_file=args.config_file, opts=opts, eval_only=False, resume=False))
+    run_args = argparse.Namespace(config_file=args.config_file, opts=opts, eval_only=False, resume=False)
+    cfg = setup_cfg(run_args, default_setup_fn=None)  # MODEL.WEIGHTS is refused here, before anything is written
+    _fresh_output(cfg.OUTPUT_DIR)
+    default_setup(cfg, run_args)
     print(f"[demo] training {cfg.MODEL.RESNEST.VARIANT} Faster R-CNN from scratch for {cfg.SOLVER.MAX_ITER} "
           f"iterations, batch {cfg.SOLVER.IMS_PER_BATCH}, on {cfg.MODEL.DEVICE} ({torch.get_num_threads()} threads)"
           " - progress is logged every 20 iterations", flush=True)
@@ -219,8 +223,8 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as exc:  # CheckpointError (a refused MODEL.WEIGHTS) and invalid config values
-        if type(exc).__name__ != "CheckpointError":
+    except ValueError as exc:  # CheckpointError (a refused MODEL.WEIGHTS), DeviceError and invalid config values
+        if type(exc).__name__ not in ("CheckpointError", "DeviceError"):
             raise
         print(f"demo: error: {exc}", file=sys.stderr)
         sys.exit(2)

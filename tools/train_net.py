@@ -15,8 +15,10 @@ by the config.
                                                         # a LazyConfig (python config): key=value overrides
 
 Datasets come from $DETECTRON2_DATASETS (default ./datasets) with detectron2's names (coco_2017_train,
-ade20k_sem_seg_val, ...); the demo sets (resnest_demo_*) are generated on first use. Without CUDA the run
-goes to the CPU, and --num-gpus N starts N processes on the gloo backend.
+ade20k_sem_seg_val, ...); the demo sets (resnest_demo_*) are generated on first use. The recipes ask for CUDA;
+on a machine without it a run stops and says so: add `MODEL.DEVICE cpu` (LazyConfig: `train.device=cpu`) to
+train on the CPU, where --num-gpus N starts N processes on the gloo backend. A refused weight file (unsafe,
+unreadable) is refused before anything is written into the output folder.
 """
 import os
 import sys
@@ -37,13 +39,11 @@ from resnest_backbone.convert import CheckpointError  # noqa: E402
 from resnest_backbone.d2.checkpoint import SafeDetectionCheckpointer  # noqa: E402
 from resnest_backbone.d2.lazy import is_lazy_config, lazy_main  # noqa: E402
 from resnest_backbone.d2.model_zoo import get_config_file  # noqa: E402
-from resnest_backbone.d2.train import (Trainer, default_argument_parser, deploy_for_eval, launch,  # noqa: E402
-                                       setup_cfg)
+from resnest_backbone.d2.train import (DeviceError, Trainer, check_deploy, config_device,  # noqa: E402
+                                       default_argument_parser, deploy_for_eval, launch, setup_cfg)
 
 
 def main(args):
-    if args.deploy and not args.eval_only:
-        raise SystemExit("train_net: error: --deploy is for evaluation: add --eval-only")
     if args.config_file and is_lazy_config(args.config_file):  # a LazyConfig (.py, or its saved config.yaml)
         if args.deploy:
             raise SystemExit("train_net: error: --deploy works with yaml configs (not a LazyConfig yet)")
@@ -74,9 +74,11 @@ def run(argv=None):
             sys.exit(2)
     print("Command Line Args:", args)
     try:
+        device = config_device(args)  # the process-group backend follows it
+        check_deploy(args.deploy, args.eval_only, device)
         return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                      dist_url=args.dist_url, args=(args,))
-    except CheckpointError as exc:  # a refused checkpoint (unsafe, wrong architecture, does not fit)
+                      dist_url=args.dist_url, args=(args,), device=device)
+    except (CheckpointError, DeviceError) as exc:  # a refused checkpoint; a device this machine does not have
         print(f"train_net: error: {exc}", file=sys.stderr)
         sys.exit(2)
 

@@ -22,15 +22,20 @@ _ARCH_KEYS = {"LAYERS": "layers", "RADIX": "radix", "CARDINALITY": "cardinality"
 _SEQUENCE_ARGS = ("layers", "strides", "dilations", "multi_grid", "out_features", "deform_on_per_stage")
 
 
-def d2_norm(norm):
-    """A norm factory from a detectron2 norm name. "SyncBN" uses the core's SyncBatchNorm, which runs in a
-    single process (as BN, with a warning) and on CPU process groups, where torch's SyncBatchNorm fails."""
+def d2_norm(norm, key: str = "ResNeStBackbone(norm=...)"):
+    """A norm factory from a detectron2 norm name (`key`: where the name came from, for the error). "SyncBN"
+    uses the core's SyncBatchNorm, which runs in a single process (as BN, with a warning) and on CPU process
+    groups, where torch's SyncBatchNorm fails."""
     if norm == "SyncBN":
         return SyncBatchNorm
     if isinstance(norm, str) and norm == "":
         raise ValueError("ResNeSt needs a norm: set MODEL.RESNETS.NORM or MODEL.RESNEST.NORM "
                          "(LazyConfig: ResNeStBackbone's norm) to BN, SyncBN, FrozenBN, GN, ...")
-    get_norm(norm, 32)  # fail now, with detectron2's own message, for an unknown name
+    try:
+        get_norm(norm, 32)  # fail now for an unknown name (detectron2 raises a bare KeyError)
+    except KeyError:
+        raise ValueError(f"{key} is {norm!r}, which detectron2's get_norm does not know: use BN, SyncBN, "
+                         "FrozenBN, GN, naiveSyncBN or nnSyncBN") from None
     return lambda channels: get_norm(norm, channels)
 
 
@@ -87,7 +92,7 @@ def resnest_kwargs_from_cfg(cfg) -> dict:
         if rc[key] is not None:
             kwargs[arg] = tuple(rc[key]) if key == "LAYERS" else rc[key]
     kwargs.update(
-        norm=d2_norm(rc.NORM or cfg.MODEL.RESNETS.NORM),
+        norm=d2_norm(rc.NORM or cfg.MODEL.RESNETS.NORM, "MODEL.RESNEST.NORM" if rc.NORM else "MODEL.RESNETS.NORM"),
         output_stride=rc.OUTPUT_STRIDE,
         multi_grid=tuple(rc.RES5_MULTI_GRID) if rc.RES5_MULTI_GRID else None,
         dropblock_prob=rc.DROPBLOCK_PROB,

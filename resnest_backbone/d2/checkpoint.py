@@ -46,6 +46,7 @@ from ..convert.load import LoadReport, compare_with_model, detected_variants, mi
 from ..convert.naming import OFFICIAL, detect_naming
 from ..convert.sources import resolve_checkpoint
 from ..guards import INPUT_KEY, RESNEST_INPUT, arm_random_heads, check_input, logger_log, random_parts
+from .compat import reset_parsed_url
 
 _TRUNK_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")
 _OVERRIDE = "set checkpointer.strict_backbone = False to load it anyway"
@@ -86,8 +87,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             return out
         finally:
             self._heuristics = False
-            if getattr(self, "_parsed_url_during_load", None) is not None:
-                self._parsed_url_during_load = None  # detectron2 main resets it only on success
+            reset_parsed_url(self)  # detectron2 main resets it only on success
 
     def _load_file(self, filename: str) -> dict:
         data = read_checkpoint(filename)

@@ -9,7 +9,7 @@
 The project's DeepLabV3PlusHead works with the same backbone (MODEL.RESNETS.OUT_FEATURES ["res2", "res5"]).
 Call add_resnest_deeplab_config(cfg) before merging a DeepLab config.
 """
-from typing import Dict
+from typing import Dict, Optional
 
 from torch import nn
 from torch.nn import functional as F
@@ -29,6 +29,24 @@ from .config import add_resnest_config
 
 # detectron2's DeepLab ResNet says the output stride with MODEL.RESNETS.RES4_DILATION / RES5_DILATION.
 _DILATIONS_TO_STRIDE = {(1, 1): 32, (1, 2): 16, (2, 4): 8}
+
+
+# The keys add_deeplab_config (detectron2 v0.6 and main) and add_resnest_deeplab_config add, by prefix.
+_DEEPLAB_KEYS = ("INPUT.CROP.SINGLE_CATEGORY_MAX_AREA", "SOLVER.POLY_LR_", "MODEL.SEM_SEG_HEAD.LOSS_TYPE",
+                 "MODEL.SEM_SEG_HEAD.PROJECT_", "MODEL.SEM_SEG_HEAD.ASPP_", "MODEL.SEM_SEG_HEAD.AUX_",
+                 "MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV", "MODEL.RESNETS.RES4_DILATION",
+                 "MODEL.RESNETS.RES5_MULTI_GRID", "MODEL.RESNETS.STEM_TYPE")
+
+
+def deeplab_key_error(exc: KeyError, source: str) -> Optional[ImportError]:
+    """For detectron2's KeyError "Non-existent config key: KEY" while merging `source`: when KEY is a DeepLab
+    key and detectron2's DeepLab project did not import, the ImportError that says so (with that import's
+    error); otherwise None."""
+    message = str(exc.args[0]) if exc.args else ""
+    if _DEEPLAB_IMPORT_ERROR is None or not message.rsplit(" ", 1)[-1].startswith(_DEEPLAB_KEYS):
+        return None
+    return ImportError(f"{source}: {message}: a DeepLab key, and detectron2's DeepLab project, which defines it, "
+                       f"did not import: {_DEEPLAB_IMPORT_ERROR}")
 
 
 def add_resnest_deeplab_config(cfg) -> None:

@@ -1,15 +1,15 @@
-"""detectron2 hooks for ResNeSt training.
+"""detectron2 hooks for ResNeSt training, each usable from any detectron2 trainer.
 
 ResNeStDropBlockHook ramps ResNeSt's DropBlock linearly over training (the official recipe):
 
+    trainer.register_hooks([build_dropblock_hook(cfg)])   # MODEL.RESNEST.DROPBLOCK_PROB / _RAMP_ITERS; None if 0
     trainer.register_hooks([ResNeStDropBlockHook(drop_prob=0.1, ramp_iters=0)])
-
-resnest_backbone.d2.Trainer adds it by itself whenever MODEL.RESNEST.DROPBLOCK_PROB > 0, with
-MODEL.RESNEST.DROPBLOCK_RAMP_ITERS (0 = ramp over the whole training, SOLVER.MAX_ITER).
 
 ResNeStPreciseBN is detectron2's PreciseBN hook (TEST.PRECISE_BN; the Trainer and LazyConfig training use it
 in its place) that leaves alone the norms the precise-BN passes never ran: fvcore's update_bn_stats would
 set their running mean and variance to zero.
+
+ResNeStHooksMixin gives a DefaultTrainer both from its config: `class Trainer(ResNeStHooksMixin, DefaultTrainer)`.
 """
 import contextlib
 import logging
@@ -22,7 +22,8 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from ..core.dropblock import DropBlockScheduler, check_ramp
 
-__all__ = ["ResNeStDropBlockHook", "ResNeStPreciseBN", "build_dropblock_hook", "keep_unused_norm_stats"]
+__all__ = ["ResNeStDropBlockHook", "ResNeStHooksMixin", "ResNeStPreciseBN", "build_dropblock_hook",
+           "keep_unused_norm_stats"]
 
 
 def _unwrap(model):
@@ -49,15 +50,15 @@ class ResNeStDropBlockHook(HookBase):
     def _scheduler(self) -> DropBlockScheduler:
         if self.scheduler is None:
             steps = self.ramp_iters or int(self.trainer.max_iter)
-            self.scheduler = DropBlockScheduler(_unwrap(self.trainer.model), self.drop_prob, max(steps, 1),
-                                                self.start)
-            if not self.scheduler.blocks:
-                logging.getLogger(__name__).warning(
-                    "ResNeStDropBlockHook: the model has no DropBlock2D (backbone built with DROPBLOCK_PROB 0?)")
-            else:
-                logging.getLogger(__name__).info(
-                    "DropBlock: %d blocks ramped from %g to %s over %d iterations", len(self.scheduler.blocks),
-                    self.start, self.drop_prob if self.drop_prob is not None else "their configured value", steps)
+            scheduler = DropBlockScheduler(_unwrap(self.trainer.model), self.drop_prob, max(steps, 1), self.start)
+            if not scheduler.blocks:
+                raise ValueError("ResNeStDropBlockHook: the model has no DropBlock2D, so there is nothing to ramp: "
+                                 "build the backbone with MODEL.RESNEST.DROPBLOCK_PROB > 0 (LazyConfig: "
+                                 "ResNeStBackbone(dropblock_prob=...)), or do not register the hook")
+            logging.getLogger(__name__).info(
+                "DropBlock: %d blocks ramped from %g to %s over %d iterations", len(scheduler.blocks), self.start,
+                self.drop_prob if self.drop_prob is not None else "their configured value", steps)
+            self.scheduler = scheduler
         return self.scheduler
 
     def _update(self) -> None:
@@ -129,3 +130,14 @@ class ResNeStPreciseBN(hooks.PreciseBN):
             return super().update_stats()
         with keep_unused_norm_stats(self._model):
             super().update_stats()
+
+
+class ResNeStHooksMixin:
+    """For a DefaultTrainer subclass (`class Trainer(ResNeStHooksMixin, DefaultTrainer)`): its build_hooks, with
+    build_dropblock_hook(cfg) first (it sets drop_prob before each step) and detectron2's PreciseBN hook as
+    ResNeStPreciseBN."""
+
+    def build_hooks(self):
+        ret = [ResNeStPreciseBN.adopt(h) if type(h) is hooks.PreciseBN else h for h in super().build_hooks()]
+        dropblock = build_dropblock_hook(self.cfg)
+        return ([dropblock] if dropblock is not None else []) + ret

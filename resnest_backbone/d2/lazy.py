@@ -4,7 +4,7 @@ same hooks), with this project's pieces:
 
 - the safe atomic checkpointer (SafeDetectionCheckpointer) for train.init_checkpoint, --resume and the
   periodic checkpoints (detectron2's PeriodicCheckpointer hook saves through it);
-- the device: train.device "cuda" runs on the CPU when CUDA is missing, and on the CPU the "SyncBN" of
+- the device: train.device "cuda" without CUDA is an error naming `train.device=cpu`; on the CPU the "SyncBN" of
   detectron2's own layers (FPN, heads; they would be torch's nn.SyncBatchNorm, which refuses CPU tensors
   in a process group) becomes "naiveSyncBN", as adapt_cfg_to_device does for yaml configs; the ResNeSt trunk
   keeps its SyncBN (the core's, which works there); CPU multi-process runs use CpuDistributedDataParallel;
@@ -13,17 +13,17 @@ same hooks), with this project's pieces:
   yaml recipe's TEST.PRECISE_BN) and dropblock_ramp_iters (a ResNeStDropBlockHook is added when the
   model has DropBlock with a probability > 0, as the yaml Trainer does).
 
-    cfg = setup_lazy_cfg(args)   # load + overrides ("key=value"), device, default_setup, datasets checked
+    cfg = setup_lazy_cfg(args)   # load + overrides ("key=value"), device, weights read safely, default_setup,
+                                 # datasets checked
     lazy_main(args)              # train (or --eval-only), what tools/train_net.py runs for a .py config
 """
 import logging
 from typing import List, Optional
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import default_writers, hooks
+from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
@@ -32,9 +32,10 @@ from ..core.dropblock import DropBlock2D
 from .backbone import ResNeStBackbone
 from .checkpoint import SafeDetectionCheckpointer
 from .hooks import ResNeStDropBlockHook, ResNeStPreciseBN
-from .train import build_trainer, ddp_model, has_fast_coco_eval, resnest_default_setup
+from .compat import has_fast_coco_eval
+from .train import build_trainer, check_device, ddp_model, refuse_unsafe_weights
 
-__all__ = ["adapt_lazy_cfg_to_device", "do_test", "do_train", "is_lazy_config", "lazy_dataset_names",
+__all__ = ["adapt_lazy_cfg_to_device", "do_test", "do_train", "is_lazy_config", "lazy_dataset_names", "lazy_device",
            "lazy_main", "load_lazy_config", "setup_lazy_cfg"]
 
 logger = logging.getLogger("resnest_backbone")
@@ -94,15 +95,19 @@ def _nodes(node):
             yield from _nodes(child)
 
 
+def lazy_device(cfg) -> str:
+    """train.device (default "cuda", as detectron2's common train config), checked: check_device."""
+    train = cfg.get("train")
+    device = str(train.get("device", "cuda")) if train is not None else "cuda"
+    return check_device(device, "train.device", "train.device=cpu")
+
+
 def adapt_lazy_cfg_to_device(cfg) -> None:
-    """train.device "cuda" -> "cpu" without CUDA; on the CPU, "SyncBN" -> "naiveSyncBN" in every model node
-    but the ResNeSt trunk; a COCOEvaluator without use_fast_impl gets it from has_fast_coco_eval()."""
+    """train.device checked (lazy_device); on the CPU, "SyncBN" -> "naiveSyncBN" in every model node but the
+    ResNeSt trunk; a COCOEvaluator without use_fast_impl gets it from has_fast_coco_eval()."""
     train = cfg.get("train")
     if train is not None:
-        device = train.get("device", "cuda")
-        if str(device).startswith("cuda") and not torch.cuda.is_available():
-            logger.warning("CUDA is not available: training on the CPU (train.device cpu)")
-            train.device = "cpu"
+        lazy_device(cfg)
         if train.get("device") == "cpu" and "model" in cfg:
             for node in _nodes(cfg.model):
                 target = _target(node)
@@ -133,13 +138,16 @@ def lazy_dataset_names(cfg, train: bool = True) -> List[str]:
     return names
 
 
-def setup_lazy_cfg(args, default_setup_fn=resnest_default_setup):
-    """args.config_file + args.opts, adapted to the device, detectron2's default_setup (logging, the config
-    saved to train.output_dir/config.yaml, seeds), the datasets checked (demo sets generated)."""
+def setup_lazy_cfg(args, default_setup_fn=default_setup):
+    """args.config_file + args.opts, adapted to the device, the weights to load read safely before anything is
+    written (refuse_unsafe_weights), detectron2's default_setup (logging, the config saved to
+    train.output_dir/config.yaml, seeds), the datasets checked (demo sets generated)."""
     from .datasets import check_datasets
 
     cfg = load_lazy_config(args.config_file, args.opts)
     adapt_lazy_cfg_to_device(cfg)
+    refuse_unsafe_weights(cfg.train.get("init_checkpoint", ""), cfg.train.get("output_dir", ""),
+                          getattr(args, "resume", False))
     if default_setup_fn is not None:
         default_setup_fn(cfg, args)
     check_datasets(lazy_dataset_names(cfg, train=not getattr(args, "eval_only", False)))

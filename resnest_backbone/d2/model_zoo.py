@@ -66,10 +66,10 @@ def get_config(name: str):
         from detectron2.config import LazyConfig
 
         return LazyConfig.load(path)
-    from .train import get_resnest_cfg
+    from .train import get_resnest_cfg, merge_config
 
     cfg = get_resnest_cfg()
-    cfg.merge_from_file(path)
+    merge_config(cfg, path)
     return cfg
 
 

@@ -25,11 +25,13 @@ seed_step
     before each training step, so the step's randomness does not depend on what ran before it in this
     process (model construction, checkpoint loading, evaluation, PreciseBN, a data loader starting).
 ExactResumeMixin
-    for a DefaultTrainer subclass: seeds each step, and puts the data loaders' states and the base seed
-    in the trainer's checkpoint state (plain ints and lists: the checkpoint stays loadable with
-    torch.load(weights_only=True)). `exact_resume = False` on the class gives detectron2's stock behaviour.
+    for a DefaultTrainer subclass (`class Trainer(ExactResumeMixin, DefaultTrainer)`): builds the training
+    loader as a ResumableTrainLoader, seeds each step, and puts the optimizer, the data loaders' states and
+    the base seed in the trainer's checkpoint state (plain ints and lists: the checkpoint stays loadable with
+    torch.load(weights_only=True)). What a run cannot reproduce (a changed batch size or world size, a
+    checkpoint without the stream state, CUDA's non-deterministic kernels) it says once, before training.
+    `exact_resume = False` on the class gives detectron2's stock behaviour.
 """
-import itertools
 import logging
 import random
 from typing import Dict, List, Optional
@@ -39,19 +41,25 @@ from torch.utils import data as torchdata
 
 from detectron2.data.build import worker_init_reset_seed
 from detectron2.data.common import DatasetFromList
+from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 from detectron2.utils.serialize import PicklableWrapper
 
 from ..seeding import LOADER, SAMPLE, mix_seed, seed_step, seeded, torch_seed
+from .compat import TRAINER_SAVES_OPTIMIZER
 
-__all__ = ["ExactResumeMixin", "ResumableTrainLoader", "build_resumable_train_loader"]
+__all__ = ["ExactResumeMixin", "ResumableTrainLoader", "build_resumable_train_loader", "exactness_notes"]
 
 logger = logging.getLogger(__name__)
 
 
+MAPPER_ATTEMPTS = 100  # samples tried for one stream position before a mapper that keeps returning None fails
+
+
 class _StreamSamples(torchdata.Dataset):
     """Item (p, index) -> (p, mapper(dataset[index])), computed with the RNGs seeded from (seed, rank, p). A
-    mapper returning None (a sample to skip) is retried on other indices drawn from the same seed."""
+    mapper returning None (a sample to skip) is retried on other indices drawn from the same seed, at most
+    MAPPER_ATTEMPTS samples in all; then RuntimeError naming the first one (dataset index, file_name)."""
 
     def __init__(self, dataset, mapper, seed: int, rank: int):
         self.dataset, self.mapper, self.seed, self.rank = dataset, PicklableWrapper(mapper), seed, rank
@@ -63,15 +71,25 @@ class _StreamSamples(torchdata.Dataset):
         position, index = item
         words = mix_seed(self.seed, self.rank, position, SAMPLE)
         fallback = random.Random(int(words[2]))
+        first = index
         with seeded(words):
-            for attempt in itertools.count(1):
+            for attempt in range(1, MAPPER_ATTEMPTS + 1):
                 data = self.mapper(self.dataset[index])
                 if data is not None:
                     return position, data
-                if attempt >= 3:
-                    logger.warning(f"Failed to apply the mapper to dataset index {index} "
-                                   f"(stream position {position}) after {attempt} attempts")
+                if attempt == 3:
+                    logger.warning(f"The mapper returned None for dataset index {first} ({self._name(first)}, "
+                                   f"stream position {position}) and 2 samples drawn in its place; trying others")
                 index = fallback.randrange(len(self.dataset))
+        raise RuntimeError(f"The mapper returned None for dataset index {first} ({self._name(first)}) and for "
+                           f"each of the {MAPPER_ATTEMPTS - 1} samples drawn in its place (stream position "
+                           f"{position}): a mapper returns None only to skip a sample; check the mapper and the "
+                           "dataset")
+
+    def _name(self, index) -> str:
+        item = self.dataset[index]
+        name = item.get("file_name") if isinstance(item, dict) else None
+        return f"file_name {name}" if name else "no file_name"
 
 
 class _Positions(torchdata.Sampler):
@@ -131,16 +149,13 @@ class ResumableTrainLoader:
                 "batch_size": self.batch_size}
 
     def load_state_dict(self, state: Dict) -> None:
-        """The next `iter()` continues after the batches counted in `state`."""
+        """The next `iter()` continues after the batches counted in `state`. With another batch size than
+        state["batch_size"] the sample order continues, but the batches differ (ExactResumeMixin says so)."""
         self._next = int(state["next"])
         self._pending = sorted(int(p) for p in state.get("pending", []))
         self.seed = int(state["seed"])
         if hasattr(self.sampler, "_seed"):
             self.sampler._seed = self.seed
-        if int(state.get("batch_size", self.batch_size)) != self.batch_size:
-            logger.warning(f"Resuming the data stream with {self.batch_size} images per batch per process "
-                           f"(the checkpoint's run used {state['batch_size']}): the sample order continues, "
-                           "the batches differ from those of an uninterrupted run")
 
     def _bucket(self, data) -> int:
         if not self.aspect_ratio_grouping:
@@ -177,13 +192,39 @@ def build_resumable_train_loader(cfg, mapper=None) -> ResumableTrainLoader:
                                 num_workers=args["num_workers"])
 
 
+def exactness_notes(device: str, restored: List[str]) -> List[str]:
+    """What a run on `device` will not reproduce of an uninterrupted run: `restored` (what loading the
+    checkpoint found), and on CUDA the kernels whose results depend on timing (cuDNN's algorithm choice,
+    roi_align's backward atomics; torchvision has no deterministic roi_align backward to switch to)."""
+    notes = list(restored)
+    if torch.device(device).type == "cuda":
+        notes.append("on CUDA, cuDNN's algorithm choice and the atomic adds of roi_align's backward make each "
+                     "run differ in the last bits: a resumed run continues the same data stream and seeds, but "
+                     "its weights are not bit-identical to an uninterrupted run's (they are on the CPU)")
+    return notes
+
+
 class ExactResumeMixin:
-    """For a DefaultTrainer subclass (`class Trainer(ExactResumeMixin, DefaultTrainer)`) whose
-    build_train_loader returns a ResumableTrainLoader: each step runs with the global RNGs seeded from
-    (seed, rank, iteration), and the trainer's checkpoint state carries the seed and the data loaders'
-    positions (every process's, gathered at checkpoint iterations)."""
+    """For a DefaultTrainer subclass: `class Trainer(ExactResumeMixin, DefaultTrainer)`.
+
+    - The training loader is a ResumableTrainLoader: DefaultTrainer's build_train_loader is replaced by
+      build_resumable_train_loader(cfg); a trainer with its own build_train_loader builds it with
+      build_resumable_train_loader (same arguments as build_detection_train_loader), or training refuses to
+      start, naming this.
+    - Each step runs with the global RNGs seeded from (seed, rank, iteration).
+    - The trainer's checkpoint state carries the optimizer (detectron2 v0.6 leaves it out: compat), the seed and
+      the data loaders' positions (every process's, gathered at checkpoint iterations).
+    - What the run will not reproduce (exactness_notes) is logged once, as one warning, before training."""
 
     exact_resume = True
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        mro = cls.__mro__
+        owner = next(k for k in mro[mro.index(ExactResumeMixin) + 1:] if "build_train_loader" in vars(k))
+        if cls.exact_resume and owner is DefaultTrainer:
+            return build_resumable_train_loader(cfg)
+        return super().build_train_loader(cfg)
 
     def _exact_seed(self) -> int:
         if getattr(self, "_exact_seed_value", None) is None:
@@ -207,7 +248,16 @@ class ExactResumeMixin:
 
     def before_train(self):
         if self.exact_resume:
+            if "train" not in self._resumable_loaders():
+                raise TypeError(f"{type(self).__name__}.build_train_loader returned a "
+                                f"{type(self._trainer.data_loader).__name__}, which exact resume cannot restore: "
+                                "build it with resnest_backbone.d2.build_resumable_train_loader(cfg, mapper=...) "
+                                "(the arguments of build_detection_train_loader), or set exact_resume = False")
             self._exact_seed()  # a collective when SEED < 0: every process, now
+            notes = exactness_notes(self.cfg.MODEL.DEVICE, getattr(self, "_not_restored", []))
+            if notes:
+                logger.warning("Exact resume: this run will not be bit-identical to an uninterrupted run:\n  - "
+                               + "\n  - ".join(notes))
         super().before_train()
 
     def run_step(self):
@@ -234,25 +284,40 @@ class ExactResumeMixin:
                 per_rank = [{k: v.state_dict() for k, v in loaders.items()}]
             ret["exact_resume"] = {"seed": self._exact_seed(), "world_size": comm.get_world_size(),
                                    "data": per_rank}
+            if not TRAINER_SAVES_OPTIMIZER:
+                ret["_trainer"] = self._trainer.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        saved = state_dict.get("exact_resume")
         if not self.exact_resume:
             return
+        self._not_restored = []
+        if "_trainer" not in state_dict:
+            self._not_restored.append("the checkpoint has no optimizer state (written by detectron2 v0.6's "
+                                      "DefaultTrainer): the optimizer's momentum starts again from zero")
+        elif not TRAINER_SAVES_OPTIMIZER:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        saved = state_dict.get("exact_resume")
         if saved is None:
-            logger.warning("The checkpoint has no data stream position / seed (written without exact resume): "
-                           "the data stream starts again from the beginning")
+            self._not_restored.append("the checkpoint has no data stream position or seed (written without exact "
+                                      "resume): the data stream starts again from its beginning")
             return
         self._exact_seed_value = int(saved["seed"])
         per_rank, rank, world_size = saved["data"], comm.get_rank(), comm.get_world_size()
         if len(per_rank) != world_size:
-            logger.warning(f"The checkpoint holds the data stream position of {len(per_rank)} process(es), "
-                           f"this run has {world_size}: each process continues at the position of process 0")
+            self._not_restored.append(f"the checkpoint holds the data stream positions of {len(per_rank)} "
+                                      f"process(es), this run has {world_size}: each process continues at the "
+                                      "position of process 0")
             mine = {k: dict(v, pending=[]) for k, v in per_rank[0].items()}
         else:
             mine = per_rank[rank]
         for name, loader in self._resumable_loaders().items():
             if name in mine:
+                saved_batch = int(mine[name].get("batch_size", loader.batch_size))
+                if saved_batch != loader.batch_size:
+                    self._not_restored.append(
+                        f"the {name} data stream continues with {loader.batch_size} images per batch per process "
+                        f"(the checkpoint's run used {saved_batch}): the sample order continues, the batches "
+                        "differ")
                 loader.load_state_dict(mine[name])

@@ -26,30 +26,12 @@ import sys
 
 
 def register_plugin() -> None:
-    """The plugin's backbones, demo datasets and config keys, for code that calls detectron2's get_cfg()."""
-    from detectron2.config import get_cfg
-    from detectron2.config.defaults import _C as defaults
-
+    """The plugin's backbones, demo datasets and config keys, for code that calls detectron2's get_cfg(), and
+    the safe checkpointer under detectron2's name (compat.use_plugin_in_unmodified_tools), in this process."""
     import resnest_backbone.d2  # noqa: F401  (registers the backbones and the demo datasets)
-    from resnest_backbone.d2.config import add_resnest_config
+    from resnest_backbone.d2.compat import use_plugin_in_unmodified_tools
 
-    if "RESNEST" not in get_cfg().MODEL:
-        add_resnest_config(defaults)
-    _safe_checkpointer()
-
-
-def _safe_checkpointer() -> None:
-    """Upstream's tools load MODEL.WEIGHTS, --resume and --eval-only weights with detectron2's
-    DetectionCheckpointer, which unpickles .pkl files (a crafted file runs code). In this process the name
-    they use is the project's SafeDetectionCheckpointer (a subclass: the one safe reader and the architecture
-    checks), in the two modules the tools take it from."""
-    import detectron2.checkpoint
-    import detectron2.engine.defaults
-
-    from resnest_backbone.d2.checkpoint import SafeDetectionCheckpointer
-
-    for module in (detectron2.checkpoint, detectron2.engine.defaults):
-        module.DetectionCheckpointer = SafeDetectionCheckpointer
+    use_plugin_in_unmodified_tools()
 
 
 def _resolve_config_names(argv):

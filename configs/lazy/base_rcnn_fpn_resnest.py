@@ -148,7 +148,7 @@ train = dict(
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=0,  # 0: evaluate once, at the end (the yaml configs' TEST.EVAL_PERIOD)
     log_period=20,
-    device="cuda",  # tools/train_net.py switches to "cpu" when CUDA is missing
+    device="cuda",  # without CUDA, tools/train_net.py stops and names the override train.device=cpu
     seed=-1,
     # TEST.PRECISE_BN of the yaml recipe; tools/train_net.py runs it, upstream's lazyconfig_train_net.py
     # ignores this key

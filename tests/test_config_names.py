@@ -69,17 +69,24 @@ def test_a_pip_install_ships_the_configs(tmp_path):
                     "-w", str(wheels)], check=True, cwd=tmp_path, capture_output=True, timeout=300)
     wheel = next(wheels.glob("resnest_backbone-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for name in TOPLEVEL:
-        assert f"resnest_backbone/configs/{name}" in names, name
+    configs = os.path.join(REPO, "configs")
+    for folder, _, files in os.walk(configs):  # every config, the mmdet `_base_` files too
+        for f in files:
+            name = os.path.relpath(os.path.join(folder, f), configs).replace(os.sep, "/")
+            assert f"resnest_backbone/configs/{name}" in names, name
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
-    code = ("import resnest_backbone, resnest_backbone.d2 as d2; "
-            "print(resnest_backbone.__file__); print(d2.get_config_file('faster_rcnn_resnest50_fpn.yaml'))")
+    code = ("import sys, resnest_backbone; "
+            "mm = resnest_backbone.get_config_file('mmdet/faster-rcnn_resnest50_fpn_1x_coco.py'); "
+            "assert 'detectron2' not in sys.modules; import resnest_backbone.d2 as d2; "  # mmdet users need none
+            "print(resnest_backbone.__file__); print(d2.get_config_file('faster_rcnn_resnest50_fpn.yaml')); print(mm)")
     env = dict(_env(), PYTHONPATH=str(site))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    package, config = out.stdout.split()
-    assert package.startswith(str(site)) and config.startswith(str(site))  # from the install, not the checkout
+    package, config, mm_config = out.stdout.split()
+    for path in (package, config, mm_config):
+        assert path.startswith(str(site)), path  # from the install, not the checkout
+    assert os.path.isfile(mm_config)
     assert open(config).read() == open(os.path.join(REPO, "configs", "faster_rcnn_resnest50_fpn.yaml")).read()

@@ -132,7 +132,7 @@ def _check_train_net_config(args):
     if args.config_file in PLACEHOLDERS:
         return
     from resnest_backbone.d2.lazy import is_lazy_config
-    from resnest_backbone.d2.model_zoo import get_config_file
+    from resnest_backbone.model_zoo import get_config_file
     from resnest_backbone.d2.train import get_resnest_cfg
 
     path = get_config_file(args.config_file)

@@ -38,7 +38,7 @@ from detectron2.utils import comm  # noqa: E402
 from resnest_backbone.convert import CheckpointError  # noqa: E402
 from resnest_backbone.d2.checkpoint import SafeDetectionCheckpointer  # noqa: E402
 from resnest_backbone.d2.lazy import is_lazy_config, lazy_main  # noqa: E402
-from resnest_backbone.d2.model_zoo import get_config_file  # noqa: E402
+from resnest_backbone.model_zoo import get_config_file  # noqa: E402
 from resnest_backbone.d2.train import (DeviceError, Trainer, check_deploy, config_device,  # noqa: E402
                                        default_argument_parser, deploy_for_eval, launch, setup_cfg)
 

@@ -35,7 +35,7 @@ def register_plugin() -> None:
 
 
 def _resolve_config_names(argv):
-    from resnest_backbone.d2.model_zoo import get_config_file
+    from resnest_backbone.model_zoo import get_config_file
 
     argv = list(argv)
     for i, arg in enumerate(argv[:-1]):

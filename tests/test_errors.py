@@ -9,6 +9,7 @@ import stat
 import pytest
 import torch
 
+from conftest import require
 from resnest_backbone import build_resnest
 from resnest_backbone.convert import (CheckpointError, atomic_write, convert_checkpoint, load_state_dict,
                                       load_weights, read_checkpoint)
@@ -232,7 +233,7 @@ def test_load_weights_non_strict_reports_what_did_not_load(files, tmp_path):
 def test_load_weights_into_detectron2_backbone_from_any_naming(files, tmp_path):
     from resnest_backbone.convert import MMDET
 
-    pytest.importorskip("detectron2")
+    require("detectron2", "make env installs detectron2")
     from detectron2.layers import ShapeSpec
 
     from resnest_backbone.d2 import build_resnest_fpn_backbone
@@ -279,7 +280,7 @@ def test_hostile_shapes_in_a_resnest_named_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def detector():
-    pytest.importorskip("detectron2")
+    require("detectron2", "make env installs detectron2")
     from detectron2.modeling import build_model
 
     from conftest import d2_cfg

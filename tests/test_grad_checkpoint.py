@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from conftest import require
 import resnest_backbone.core.trunk as trunk_module
 from resnest_backbone.bench.measure import PeakTensorMemory
 from resnest_backbone.core import Bottleneck, DropBlock2D, build_resnest
@@ -209,9 +210,9 @@ def test_lazyconfig_backbone_kwarg():
 
 # ------------------------------------------------------------------------------------------ mmdet / mmseg
 def test_mm_with_cp_builds_and_trains_equal(one_thread):
-    pytest.importorskip("mmengine", reason="mmengine is not installed (make env installs the OpenMMLab stack)")
-    pytest.importorskip("mmdet", reason="mmdet is not installed")
-    pytest.importorskip("mmseg", reason="mmsegmentation is not installed")
+    require("mmengine", "make env installs the OpenMMLab stack")
+    require("mmdet", "make env installs mmdet==3.3.0")
+    require("mmseg", "make env installs mmsegmentation==1.2.2")
     from mmdet.registry import MODELS as MMDET_MODELS
     from mmseg.registry import MODELS as MMSEG_MODELS
 

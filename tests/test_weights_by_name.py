@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from conftest import require
 from resnest_backbone import build_resnest
 from resnest_backbone.convert import CheckpointError, WeightsUnavailable, fetch_weights, load_weights
 from resnest_backbone.convert.cli import main as convert_main
@@ -260,8 +261,8 @@ def test_names_and_files(table, tmp_path, capsys, weights, monkeypatch):
 
 
 def test_mm_init_cfg_by_name(server, table, weights):
-    pytest.importorskip("mmengine", reason="mmengine is not installed (make env installs the OpenMMLab stack)")
-    pytest.importorskip("mmdet", reason="mmdet is not installed")
+    require("mmengine", "make env installs the OpenMMLab stack")
+    require("mmdet", "make env installs mmdet==3.3.0")
     from resnest_backbone.mm import ResNeStSA
 
     server.files["/r14.pth"] = weights[1]
@@ -276,7 +277,7 @@ def test_mm_init_cfg_by_name(server, table, weights):
 
 @pytest.mark.d2
 def test_detectron2_model_weights_by_name(server, table, weights):
-    pytest.importorskip("detectron2")
+    require("detectron2", "make env installs detectron2")
     from detectron2.modeling import build_model
 
     from conftest import d2_cfg

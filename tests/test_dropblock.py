@@ -384,8 +384,8 @@ def test_mm_hook_registered():
     hook = HOOKS.build(dict(type="ResNeStDropBlockHook", drop_prob=0.1, ramp_iters=7))
     assert isinstance(hook, mm.ResNeStDropBlockHook) and hook.ramp_iters == 7
     assert "mmengine" in mm.HOOKS_REGISTERED_IN
-    for package, why in (("mmdet", "make env installs mmdet==3.3.0"), ("mmseg", "make env installs mmsegmentation==1.2.2")):
-        registry = require(f"{package}.registry", why).HOOKS
+    for package in ("mmdet", "mmseg"):
+        registry = require(f"{package}.registry", "make env installs the OpenMMLab stack").HOOKS
         assert package in mm.REGISTERED_IN
         assert registry.get("ResNeStDropBlockHook") is mm.ResNeStDropBlockHook
         assert isinstance(registry.build(dict(type="ResNeStDropBlockHook")), mm.ResNeStDropBlockHook)

@@ -424,7 +424,8 @@ def unsafe_loads(sources):
                 if func in NUMPY_LOADS:
                     keywords = {k.arg: k.value for k in node.keywords}
                     allow = keywords.get("allow_pickle", node.args[2] if len(node.args) > 2 else None)
-                    if None in keywords or not (allow is None or isinstance(allow, ast.Constant) and allow.value is False):
+                    safe = allow is None or isinstance(allow, ast.Constant) and allow.value is False
+                    if None in keywords or not safe:
                         report(node, f"{func} with allow_pickle (unpickles object arrays)")
                 elif func is None and name in LOADER_NAMES:
                     report(node, f"{name}(...) (a framework loader's name)")
@@ -501,7 +502,7 @@ UNSAFE_SNIPPETS = [
     ("import torch\nloader = torch.load\nloader('x')", "torch.load"),
     ("import torch\ndef f(path, read=torch.load):\n    return read(path)", "torch.load"),
     ("import torch\ntorch.jit.load('x.ts')", "torch.jit.load"),
-    ("from torch.hub import load_state_dict_from_url\nload_state_dict_from_url(u)", "torch.hub.load_state_dict_from_url"),
+    ("from torch.hub import load_state_dict_from_url as get\nget(u)", "torch.hub.load_state_dict_from_url"),
     ("import torch.utils.model_zoo as mz\nmz.load_url(u)", "torch.utils.model_zoo.load_url"),
     ("import numpy as np\nnp.load('x', allow_pickle=True)", "allow_pickle"),
     ("import numpy as np\nnp.load('x', allow_pickle=1)", "allow_pickle"),

@@ -182,7 +182,7 @@ def test_builtin_entries_are_checked_by_their_published_prefix(server, weights, 
     server.files[f"/mirror/{file}"] = data[:-1] + bytes([data[-1] ^ 1])
     with pytest.raises(WeightsUnavailable, match=f"does not match {prefix}"):
         fetch_weights("resnest14d", progress=False, log=lambda _: None)
-    assert sorted(os.listdir(tmp_path / "cache" / "resnest14d")) == ["gluon_resnest14-9c8fe254.pth.lock", file + ".lock"]
+    assert sorted(os.listdir(tmp_path / "cache" / "resnest14d")) == [builtin.file + ".lock", file + ".lock"]
 
 
 def test_cli_downloads_verifies_converts_then_uses_the_cache(server, table, weights, tmp_path):

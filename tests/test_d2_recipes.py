@@ -2,7 +2,8 @@
 S-50 and S-101) each train one step and evaluate on the generated demo data with detectron2's Trainer (a narrow
 ResNeSt-14 trunk and 64 px images, so each takes seconds); TEST.PRECISE_BN recomputes the running statistics
 of every norm the recipe trains (backbone, FPN, box / mask / semantic heads) to the statistics of the batches
-it runs; the S-101 Faster R-CNN config builds its real architecture; the panoptic demo set is consistent (PNG ids, segments_info, stuff labels, instance json)."""
+it runs; the S-101 Faster R-CNN config builds its real architecture; the panoptic demo set is consistent (PNG
+ids, segments_info, stuff labels, instance json)."""
 import json
 import logging
 import math

@@ -2,8 +2,9 @@
 checkpoint on disk is left unreadable (checkpoints are written to a temporary file, then renamed).
 
 Resume is exact (resnest_backbone.d2.resume): killed after a checkpoint and resumed, a run ends with the same
-weights, bit for bit, as the same run never interrupted, every iteration done once on the same data with the
-same loss; also with a random seed (SEED -1), two processes, aspect-ratio grouping and data loader workers."""
+weights, BN statistics, optimizer and LR-scheduler state, bit for bit, as the same run never interrupted, every
+iteration done once on the same data with the same loss; also with a random seed (SEED -1), two processes
+(their whole process group killed), aspect-ratio grouping and data loader workers."""
 import json
 import os
 import signal

@@ -200,8 +200,9 @@ class Unpickling:
     and any `Unpickler(...).load()` (the safe reader's restricted subclass included), pickle's pure-Python
     unpickler, torch's weights-only unpickler and torch.serialization's load."""
 
-    PYTHON = {"pickle.py": ("load", "loads", "_load", "_loads"), "_weights_only_unpickler.py": ("load",),
-              "serialization.py": ("load", "_load", "_legacy_load")}
+    PYTHON = {os.path.join("", "pickle.py"): ("load", "loads", "_load", "_loads"),
+              os.path.join("torch", "_weights_only_unpickler.py"): ("load",),
+              os.path.join("torch", "serialization.py"): ("load", "_load", "_legacy_load")}
 
     def __enter__(self):
         self.calls, self._before = [], sys.getprofile()
@@ -219,9 +220,9 @@ class Unpickling:
                 self.calls.append(f"{type(owner).__qualname__}.{arg.__name__}")
         elif event == "call":
             code = frame.f_code
-            name = os.path.basename(code.co_filename)
-            if code.co_name in self.PYTHON.get(name, ()):
-                self.calls.append(f"{name}:{code.co_name}")
+            for path, names in self.PYTHON.items():
+                if code.co_filename.endswith(os.sep + path) and code.co_name in names:
+                    self.calls.append(f"{path}:{code.co_name}")
 
 
 def test_safetensors_never_reach_an_unpickler(tmp_path):

@@ -129,6 +129,7 @@ def test_failed_conversion_leaves_existing_output_untouched(files, tmp_path, cap
     assert load_state_dict(str(out))["conv1.0.weight"].shape == (32, 3, 3, 3)
 
 
+@pytest.mark.slow  # the CLI in a process of its own
 def test_cli_reports_unwritable_output(files, tmp_path):
     """An output folder its owner may not write to (mode 0555). Root writes anywhere through its capability
     CAP_DAC_OVERRIDE, so as root the CLI runs without it (util-linux's setpriv drops it from the bounding set):

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REQUIRE_ALL
 
+pytestmark = pytest.mark.slow  # real pytest processes
+
 CONFTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
 
 # The project's conftest under another name (the folder's own conftest.py re-exports its mechanism).

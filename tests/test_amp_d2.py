@@ -98,7 +98,7 @@ def test_trainer_amp_bf16_on_cpu(tmp_path):
     blocks = sum(len(getattr(model.backbone.bottom_up, s)) for s in ("layer1", "layer2", "layer3", "layer4"))
     assert radix == 2 and record.recorder.softmax == [torch.float32] * (3 * blocks)
     # every convolution (one per Conv2d call: trunk, FPN, RPN, box head) ran in bf16, but the RPN's two
-    # predictors, kept in fp32 (core.fuse.FP32_HEADS); the backward likewise
+    # predictors, kept in fp32 (core.precision.FP32_HEADS); the backward likewise
     names = {id(m): n for n, m in model.named_modules()}
     assert len(record.recorder.convolution) == len(record.conv_calls) > 3 * blocks
     dtypes = {}

@@ -1,3 +1,4 @@
+import importlib
 import os
 import warnings
 
@@ -10,6 +11,48 @@ import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # detectron2 0.6 + torch 2.x deprecations
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# ------------------------------------------------------------------------------------- parts of the install
+REQUIRE_ALL = "RESNEST_TEST_REQUIRE_ALL"
+MISSING = "missing part: "
+
+
+def require(part: str, why: str):
+    """The module `part` (imported and returned), or the file / folder `part` (a path: it contains a slash).
+
+    The one way a test depends on a part of the environment (mmdet, mmseg, the upstream detectron2 tools, an
+    sdist, ...). When the part is missing (not importable, ImportError included, or no such path): with
+    RESNEST_TEST_REQUIRE_ALL=1 (the full run: `make test`, CI) the test fails naming it and `why`, so a
+    broken install cannot pass as skips; otherwise (a contributor's partial environment) the test is skipped,
+    and the run's summary lists every part it skipped for. At module level it skips or fails the whole file."""
+    if "/" in part or os.sep in part:
+        found, detail = os.path.exists(part), "no such file or folder"
+    else:
+        try:
+            return importlib.import_module(part)
+        except ImportError as exc:
+            found, detail = False, f"{type(exc).__name__}: {exc}"
+    if found:
+        return part
+    message = f"{MISSING}{part} ({detail}; {why})"
+    if os.environ.get(REQUIRE_ALL) == "1":
+        pytest.fail(f"{message}; {REQUIRE_ALL}=1 requires every part", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """List what was skipped for a missing part (see require), once per part."""
+    reasons = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if MISSING in reason:
+            reason = reason[reason.index(MISSING):]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("skipped for a missing part")
+        for reason, count in sorted(reasons.items()):
+            terminalreporter.line(f"{count} skipped: {reason}")
+        terminalreporter.line(f"{REQUIRE_ALL}=1 (the full run) makes each of these a failure")
 
 
 def randomize_norm_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -48,9 +48,10 @@ def test_build_trainer_choice_and_errors():
 
 def test_trainer_amp_bf16_on_cpu(tmp_path):
     """SOLVER.AMP.ENABLED on the CPU: the project's Trainer runs 3 bf16 mixed-precision steps of the demo
-    Faster R-CNN (ResNeSt-14 FPN, SyncBN as BN in one process) with finite losses; during the steps the
-    convolutions ran in bf16, every radix softmax in fp32, every BN on fp32 statistics; after them the
-    parameters are fp32, finite, and changed; the running statistics fp32 and finite."""
+    Faster R-CNN (ResNeSt-14 FPN, SyncBN as BN in one process) with finite losses; during the steps every
+    convolution (one per Conv2d call) and its backward ran in bf16 but the RPN's two predictors (fp32), every
+    radix softmax in fp32, every BN on fp32 statistics; after them the parameters are fp32, finite, and
+    changed; the running statistics fp32 and finite."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import register_coco_instances
     from detectron2.engine import HookBase
@@ -73,13 +74,16 @@ def test_trainer_amp_bf16_on_cpu(tmp_path):
 
     class Record(HookBase):
         def __init__(self):
-            self.recorder, self.losses = OpRecorder(), []
+            self.recorder, self.losses, self.conv_calls = OpRecorder(), [], []
 
         def before_step(self):
+            self.counting = nn.modules.module.register_module_forward_hook(
+                lambda module, args, out: self.conv_calls.append(module) if isinstance(module, nn.Conv2d) else None)
             self.recorder.__enter__()
 
         def after_step(self):
             self.recorder.__exit__(None, None, None)
+            self.counting.remove()
             self.losses.append(self.trainer.storage.history("total_loss").latest())
 
     trainer = Trainer(cfg)
@@ -93,6 +97,18 @@ def test_trainer_amp_bf16_on_cpu(tmp_path):
     radix = model.backbone.bottom_up.layer1[0].conv2.radix
     blocks = sum(len(getattr(model.backbone.bottom_up, s)) for s in ("layer1", "layer2", "layer3", "layer4"))
     assert radix == 2 and record.recorder.softmax == [torch.float32] * (3 * blocks)
+    # every convolution (one per Conv2d call: trunk, FPN, RPN, box head) ran in bf16, but the RPN's two
+    # predictors, kept in fp32 (core.precision.FP32_HEADS); the backward likewise
+    names = {id(m): n for n, m in model.named_modules()}
+    assert len(record.recorder.convolution) == len(record.conv_calls) > 3 * blocks
+    dtypes = {}
+    for module, ran in zip(record.conv_calls, record.recorder.convolution):
+        dtypes.setdefault(names[id(module)], set()).add(ran)
+    fp32, bf16 = torch.float32, torch.bfloat16
+    fp32_heads = {"proposal_generator.rpn_head.objectness_logits", "proposal_generator.rpn_head.anchor_deltas"}
+    assert {n for n, d in dtypes.items() if d != {(bf16, bf16)}} == fp32_heads, dtypes
+    assert all(dtypes[n] == {(fp32, fp32)} for n in fp32_heads)
+    assert {(bf16,) * 3, (fp32,) * 3} == set(record.recorder.convolution_backward)
     assert record.recorder.batch_norm and {s for _, s in record.recorder.batch_norm} == {torch.float32}
     assert torch.bfloat16 in {i for i, _ in record.recorder.batch_norm}
     params = dict(model.named_parameters())

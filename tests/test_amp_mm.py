@@ -5,9 +5,11 @@ import os
 
 import pytest
 
-pytest.importorskip("mmengine", reason="mmengine is not installed (make env installs the OpenMMLab stack)")
-pytest.importorskip("mmcv.ops", reason="mmcv with compiled ops (mmcv.ops) is not importable (make env builds it)")
-pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs mmdet==3.3.0)")
+from conftest import require
+
+require("mmengine", "make env installs the OpenMMLab stack")
+require("mmcv.ops", "mmcv with its compiled ops: make env builds it")
+require("mmdet", "make env installs mmdet==3.3.0")
 
 import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
@@ -46,20 +48,24 @@ class RecordOps(Hook):
     """The aten ops' dtypes during each training iteration (forward, backward and step)."""
 
     def __init__(self):
-        self.recorder, self.losses = OpRecorder(), []
+        self.recorder, self.losses, self.conv_calls = OpRecorder(), [], []
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
+        self.counting = nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: self.conv_calls.append(module) if isinstance(module, nn.Conv2d) else None)
         self.recorder.__enter__()
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         self.recorder.__exit__(None, None, None)
+        self.counting.remove()
         self.losses.append(float(outputs["loss"].detach()))
 
 
 def test_faster_rcnn_amp_bf16_runner(tmp_path):
     """3 iterations of the mmdet demo Faster R-CNN with optim_wrapper AnyDeviceAmpOptimWrapper(dtype='bfloat16')
-    on the CPU: finite losses; the convolutions ran in bf16, every radix softmax in fp32 (one per block and
-    image batch), every BN on fp32 statistics; the parameters stay fp32, finite and were updated."""
+    on the CPU: finite losses; every convolution (one per Conv2d call) and its backward ran in bf16 but the RPN's
+    two predictors (fp32), every radix softmax in fp32 (one per block and image batch), every BN on fp32
+    statistics; the parameters stay fp32, finite and were updated."""
     data = ensure_demo_data(str(tmp_path / "data"), spec=TINY)
     cfg = Config.fromfile(os.path.join(ROOT, "configs", "mmdet", "faster-rcnn_resnest14d_fpn_demo.py"))
     det = os.path.join(data, "det") + os.sep
@@ -81,6 +87,18 @@ def test_faster_rcnn_amp_bf16_runner(tmp_path):
     backbone = runner.model.backbone
     blocks = sum(len(getattr(backbone, s)) for s in ("layer1", "layer2", "layer3", "layer4"))
     assert record.recorder.softmax == [torch.float32] * (3 * blocks)
+    # every convolution (one per Conv2d call: trunk, FPN, RPN, box head) ran in bf16, but the RPN's two
+    # predictors, kept in fp32 (core.precision.FP32_HEADS); the backward likewise
+    names = {id(m): n for n, m in runner.model.named_modules()}
+    assert len(record.recorder.convolution) == len(record.conv_calls) > 3 * blocks
+    dtypes = {}
+    for module, ran in zip(record.conv_calls, record.recorder.convolution):
+        dtypes.setdefault(names[id(module)], set()).add(ran)
+    fp32, bf16 = torch.float32, torch.bfloat16
+    fp32_heads = {"rpn_head.rpn_cls", "rpn_head.rpn_reg"}
+    assert {n for n, d in dtypes.items() if d != {(bf16, bf16)}} == fp32_heads, dtypes
+    assert all(dtypes[n] == {(fp32, fp32)} for n in fp32_heads)
+    assert {(bf16,) * 3, (fp32,) * 3} == set(record.recorder.convolution_backward)
     assert {s for _, s in record.recorder.batch_norm} == {torch.float32}
     assert torch.bfloat16 in {i for i, _ in record.recorder.batch_norm}
     params = dict(runner.model.named_parameters())

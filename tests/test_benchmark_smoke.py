@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require
 from resnest_backbone.bench import candidates, measure, render, run, treatments
 from resnest_backbone.bench.measure import matmul_peak
 
@@ -26,10 +27,10 @@ def _tool():
 
 
 def test_benchmark_smoke(tmp_path):
-    pytest.importorskip("resnest", reason="the official resnest package is a test dependency")
-    pytest.importorskip("timm", reason="timm is a test dependency")
-    pytest.importorskip("fvcore", reason="fvcore is a test dependency")
-    pytest.importorskip("matplotlib", reason="matplotlib is a test dependency")
+    require("resnest", "a test extra: pip install -e .[test]")
+    require("timm", "a test extra: pip install -e .[test]")
+    require("fvcore", "a test extra: pip install -e .[test]")
+    require("matplotlib", "a test extra: pip install -e .[test]")
     bench = _tool()
     threads = torch.get_num_threads()
     try:
@@ -437,7 +438,7 @@ def test_goals_not_measured_is_not_met():
 
 
 def test_render_is_a_function_of_the_json(tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is a test dependency")
+    require("matplotlib", "a test extra: pip install -e .[test]")
     res = _crafted()
     md = render.render_markdown(res)
     assert render.render_markdown(json.loads(json.dumps(res))) == md
@@ -459,6 +460,6 @@ def test_render_refuses_a_missing_or_foreign_json(tmp_path, capsys):
     assert 'no "schema": 2' in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
     (tmp_path / "new.json").write_text(json.dumps(_crafted()))
-    pytest.importorskip("matplotlib", reason="matplotlib is a test dependency")
+    require("matplotlib", "a test extra: pip install -e .[test]")
     bench.main(["--render", str(tmp_path / "new.json"), "--out", str(tmp_path / "r.md")])
     assert (tmp_path / "r.md").read_text() == render.render_markdown(_crafted())

@@ -67,17 +67,21 @@ def images(n: int, size, generator) -> torch.Tensor:
 
 class OpRecorder(TorchDispatchMode):
     """The dtypes the aten ops really ran in (after autocast's casts): softmax inputs, batch-norm inputs
-    and running statistics."""
+    and running statistics, convolutions (input, weight) and their backward (grad_output, input, weight)."""
 
     def __init__(self):
         super().__init__()
-        self.softmax, self.batch_norm = [], []
+        self.softmax, self.batch_norm, self.convolution, self.convolution_backward = [], [], [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if name == "_softmax":
             self.softmax.append(args[0].dtype)
+        elif name == "convolution":
+            self.convolution.append((args[0].dtype, args[1].dtype))
+        elif name == "convolution_backward":
+            self.convolution_backward.append((args[0].dtype, args[1].dtype, args[2].dtype))
         elif name in ("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
                       "_batch_norm_with_update"):
             self.batch_norm.append((args[0].dtype, args[3].dtype if args[3] is not None else None))

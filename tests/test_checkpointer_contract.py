@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import d2_cfg
+from conftest import d2_cfg, require
 from resnest_backbone import build_resnest
 from resnest_backbone.convert import CheckpointError, convert_checkpoint
 
@@ -149,7 +149,7 @@ class _CallWith:
 
 
 def test_mmengine_allowlist_cannot_change_class_state(tmp_path):
-    pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs it)")
+    require("mmdet", "make env installs mmdet==3.3.0")
     from mmengine.logging import HistoryBuffer
     from mmengine.runner.checkpoint import _load_checkpoint
 

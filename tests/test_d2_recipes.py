@@ -1,8 +1,9 @@
-"""The detectron2 recipe configs (Mask, Cascade, Cascade Mask R-CNN, DCN Faster R-CNN, Panoptic FPN; S-50 and
-S-101) each train one step and evaluate on the generated demo data with detectron2's Trainer (a narrow
+"""The detectron2 recipe configs (Faster, Mask, Cascade, Cascade Mask R-CNN, DCN Faster R-CNN, Panoptic FPN;
+S-50 and S-101) each train one step and evaluate on the generated demo data with detectron2's Trainer (a narrow
 ResNeSt-14 trunk and 64 px images, so each takes seconds); TEST.PRECISE_BN recomputes the running statistics
 of every norm the recipe trains (backbone, FPN, box / mask / semantic heads) to the statistics of the batches
-it runs; the panoptic demo set is consistent (PNG ids, segments_info, stuff labels, instance json)."""
+it runs; the S-101 Faster R-CNN config builds its real architecture; the panoptic demo set is consistent (PNG
+ids, segments_info, stuff labels, instance json)."""
 import json
 import logging
 import math
@@ -41,6 +42,8 @@ PAN = ["DATASETS.TRAIN", "('resnest_demo_panoptic_train_separated',)", "MODEL.SE
 
 # config -> (variant the file asks for, ROI heads, mask head?, deformable stages, panoptic?)
 RECIPES = {
+    "faster_rcnn_resnest50_fpn.yaml": ("resnest50", "StandardROIHeads", False, False, False),
+    "faster_rcnn_resnest101_fpn.yaml": ("resnest101", "StandardROIHeads", False, False, False),
     "mask_rcnn_resnest50_fpn.yaml": ("resnest50", "StandardROIHeads", True, False, False),
     "cascade_rcnn_resnest50_fpn.yaml": ("resnest50", "CascadeROIHeads", False, False, False),
     "cascade_mask_rcnn_resnest50_fpn.yaml": ("resnest50", "CascadeROIHeads", True, False, False),
@@ -139,6 +142,33 @@ def test_recipe_trains_one_step_and_evaluates(config, tmp_path, one_thread):
             assert all(0 <= v <= 100 for v in pq.values()), pq
         else:
             _check_ap(results[task])
+
+
+def test_s101_recipe_builds_its_own_architecture():
+    """faster_rcnn_resnest101_fpn.yaml as written, on the meta device (structure without values): the trunk
+    has every tensor of the official resnest==0.0.5 ResNeSt-101 (names and shapes: 3-4-23-3, deep stem of
+    width 64, radix 2, avd), SyncBN in trunk and FPN, the 4conv1fc SyncBN box head."""
+    from detectron2.modeling import build_model
+    from resnest.torch import resnest as official_resnest
+
+    cfg = get_resnest_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs", "faster_rcnn_resnest101_fpn.yaml"))
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+        official = official_resnest.resnest101()
+    trunk = model.backbone.bottom_up
+    def shapes(state):  # (FrozenBatchNorm2d, in the frozen stem and res2, has no step counter)
+        return {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+    ours, theirs = shapes(trunk.state_dict()), shapes(official.state_dict())
+    assert ours == {k: v for k, v in theirs.items() if not k.startswith("fc.")}
+    assert len(trunk.layer3) == 23 and trunk.conv1[0].out_channels == 64
+    assert type(trunk.bn1) is FrozenBatchNorm2d and type(trunk.layer2[0].bn1) is SyncBatchNorm  # FREEZE_AT 2
+    assert all(type(m) is SyncBatchNorm for n, m in model.backbone.named_modules() if n.startswith("fpn_")
+               and isinstance(m, nn.modules.batchnorm._BatchNorm))
+    head = model.roi_heads.box_head
+    assert [type(m.norm).__name__ for m in head.conv_norm_relus] == ["SyncBatchNorm"] * 4 and len(head.fcs) == 1
 
 
 def _bn_layers(model):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_norm_stats
+from conftest import randomize_norm_stats, require
 from resnest_backbone.convert import CheckpointError, load_weights
 from resnest_backbone.core import Bottleneck, build_resnest
 from resnest_backbone.core import deform as deform_module
@@ -296,7 +296,7 @@ def test_lazy_backbone_takes_deform_knobs():
 
 # ------------------------------------------------------------------------------------------ mmdet / mmseg
 def _mm():
-    pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs mmdet==3.3.0)")
+    require("mmdet", "make env installs mmdet==3.3.0")
     from resnest_backbone.mm import ResNeStSA
 
     return ResNeStSA

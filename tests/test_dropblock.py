@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conftest import require
 from resnest_backbone.core import (DropBlock2D, DropBlockScheduler, build_resnest, dropblock_gamma,
                                    expected_drop_fraction)
 
@@ -227,7 +228,7 @@ def test_scheduler_ramps_to_the_final_value():
 
 # -------------------------------------------------------------------------------------------- detectron2 hook
 def _d2_hooks():
-    pytest.importorskip("detectron2", reason="detectron2 is not installed")
+    require("detectron2", "make env installs detectron2")
     import resnest_backbone.d2.hooks as hooks
 
     return hooks
@@ -384,12 +385,8 @@ def test_d2_trainer_run_and_resume(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- mmengine hook
 def _mm():
-    pytest.importorskip("mmengine", reason="mmengine is not installed (make env installs the OpenMMLab stack)")
-    try:
-        import resnest_backbone.mm as mm
-    except ImportError as exc:  # the adapter needs mmdet or mmseg
-        pytest.skip(f"resnest_backbone.mm does not import yet (mmdet/mmseg missing?): {exc}")
-    return mm
+    require("mmengine", "make env installs the OpenMMLab stack")
+    return require("resnest_backbone.mm", "needs mmdet or mmseg: make env installs them")
 
 
 def test_mm_hook_registered():
@@ -400,13 +397,10 @@ def test_mm_hook_registered():
     assert isinstance(hook, mm.ResNeStDropBlockHook) and hook.ramp_iters == 7
     assert "mmengine" in mm.HOOKS_REGISTERED_IN
     for package in ("mmdet", "mmseg"):
-        if package not in mm.REGISTERED_IN:
-            continue
-        registry = __import__(f"{package}.registry", fromlist=["HOOKS"]).HOOKS
+        registry = require(f"{package}.registry", "make env installs the OpenMMLab stack").HOOKS
+        assert package in mm.REGISTERED_IN
         assert registry.get("ResNeStDropBlockHook") is mm.ResNeStDropBlockHook
         assert isinstance(registry.build(dict(type="ResNeStDropBlockHook")), mm.ResNeStDropBlockHook)
-    if "mmdet" not in mm.REGISTERED_IN:
-        pytest.skip("mmdet is not installed: checked mmengine's HOOKS only")
 
 
 def test_mm_hook_follows_runner_iter():

@@ -11,6 +11,8 @@ import threading
 
 import pytest
 
+from conftest import require
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_TOOLS = os.path.join(REPO, "tools", "env")
 sys.path.insert(0, ENV_TOOLS)
@@ -113,8 +115,7 @@ def test_detectron2_patches_are_idempotent(tmp_path):
     cache = os.environ.get("RESNEST_WHEEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "resnest-backbone")
     sdist = os.path.join(cache, "sdists", "pb1-detectron2-0.6.tar.gz")
-    if not os.path.isfile(sdist):
-        pytest.skip(f"{sdist} is not there (tools/env/setup_env.sh downloads it when it builds detectron2)")
+    require(sdist, "tools/env/setup_env.sh downloads it when it builds detectron2")
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp_path, filter="data")
     root = tmp_path / "pb1-detectron2-0.6"

@@ -4,16 +4,21 @@ loads are never silent."""
 import functools
 import os
 import pickle
+import shutil
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import require
 from resnest_backbone import build_resnest
 from resnest_backbone.convert import (CheckpointError, atomic_write, convert_checkpoint, load_state_dict,
                                       load_weights, read_checkpoint)
 from resnest_backbone.convert.cli import main as convert_main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @functools.lru_cache(maxsize=None)
 def _state(variant, **kw):
@@ -124,15 +129,28 @@ def test_failed_conversion_leaves_existing_output_untouched(files, tmp_path, cap
     assert load_state_dict(str(out))["conv1.0.weight"].shape == (32, 3, 3, 3)
 
 
-def test_cli_reports_unwritable_output(files, tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root can write anywhere")
+@pytest.mark.slow  # the CLI in a process of its own
+def test_cli_reports_unwritable_output(files, tmp_path):
+    """An output folder its owner may not write to (mode 0555). Root writes anywhere through its capability
+    CAP_DAC_OVERRIDE, so as root the CLI runs without it (util-linux's setpriv drops it from the bounding set):
+    then the kernel refuses root as it refuses any user."""
     folder = tmp_path / "ro"
     folder.mkdir()
-    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    folder.chmod(0o555)
+    drop = []
+    if os.geteuid() == 0:
+        setpriv = require(shutil.which("setpriv") or "/usr/bin/setpriv", "util-linux's setpriv (drops root's "
+                          "CAP_DAC_OVERRIDE for this test)")
+        drop = [setpriv, "--bounding-set=-dac_override", "--"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     try:
-        assert convert_main([str(files["r14"]), str(folder / "out.pkl")]) == 2
-        assert "nothing was written" in capsys.readouterr().err
+        proc = subprocess.run(drop + [sys.executable, "-m", "resnest_backbone.convert.cli", str(files["r14"]),
+                                      str(folder / "out.pkl")], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.startswith(f"resnest-convert: error: {folder}") and \
+            "Permission denied; nothing was written" in proc.stderr, proc.stderr[-2000:]
+        assert os.listdir(folder) == []
     finally:
         folder.chmod(stat.S_IRWXU)
 
@@ -232,7 +250,7 @@ def test_load_weights_non_strict_reports_what_did_not_load(files, tmp_path):
 def test_load_weights_into_detectron2_backbone_from_any_naming(files, tmp_path):
     from resnest_backbone.convert import MMDET
 
-    pytest.importorskip("detectron2")
+    require("detectron2", "make env installs detectron2")
     from detectron2.layers import ShapeSpec
 
     from resnest_backbone.d2 import build_resnest_fpn_backbone
@@ -279,7 +297,7 @@ def test_hostile_shapes_in_a_resnest_named_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def detector():
-    pytest.importorskip("detectron2")
+    require("detectron2", "make env installs detectron2")
     from detectron2.modeling import build_model
 
     from conftest import d2_cfg

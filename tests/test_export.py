@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from conftest import require
 from resnest_backbone import export
 from resnest_backbone.core import build_resnest
 from resnest_backbone.core.fuse import fuse_resnest
@@ -79,8 +80,8 @@ def test_scripted_training_mode_keeps_batch1_fallback():
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_backbone_onnx_equals_pytorch(trunks, fused, tmp_path):
-    onnx = pytest.importorskip("onnx", reason="onnx is not installed")
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    onnx = require("onnx", "a test extra: pip install -e .[test]")
+    require("onnxruntime", "a test extra: pip install -e .[test]")
     model = trunks[int(fused)]
     path = str(tmp_path / "backbone.onnx")
     names = export.export_backbone_onnx(model, torch.randn(1, 3, 64, 64), path, opset=17)
@@ -94,7 +95,7 @@ def test_backbone_onnx_equals_pytorch(trunks, fused, tmp_path):
 
 
 def test_export_cli_backbone(tmp_path):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    require("onnxruntime", "a test extra: pip install -e .[test]")
     out = tmp_path / "r14.onnx"
     assert export_tool.main(["backbone", "--variant", "resnest14d", "--fuse", "--format", "onnx", "--height",
                              "64", "--width", "64", "-o", str(out)]) == 0
@@ -107,8 +108,8 @@ def test_export_cli_backbone(tmp_path):
 @pytest.mark.d2
 @pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
 def test_faster_rcnn_onnx_equals_pytorch(fuse, tmp_path):
-    pytest.importorskip("detectron2", reason="detectron2 is not installed")
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    require("detectron2", "make env installs detectron2")
+    require("onnxruntime", "a test extra: pip install -e .[test]")
     from resnest_backbone.d2 import export as d2_export
 
     torch.manual_seed(0)

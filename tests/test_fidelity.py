@@ -1,6 +1,7 @@
 """Official resnest==0.0.5 model -> saved state_dict -> resnest-convert -> our detectron2 backbone:
-res2..res5 equal the official layer1..layer4 bit for bit (max |difference| == 0.0; eval, fp32, random init
-and random BN statistics)."""
+res2..res5 equal the official layer1..layer4 bit for bit (max |difference| == 0.0; eval, fp32, randomly
+initialised official models with random BN statistics: resnest50/101/200 and four `fast` variants);
+resnest200 and resnest269 have every official tensor (names, shapes; on the meta device)."""
 import pytest
 import torch
 from resnest.torch import ablation as official_ablation
@@ -61,6 +62,33 @@ def test_converted_weights_reproduce_official_features(tmp_path, variant, factor
         expected, got = official_features(official, x), ours(x)
     assert list(got) == ["res2", "res3", "res4", "res5"]
     _assert_bit_identical(got, expected)
+
+
+@pytest.mark.slow
+def test_resnest200_converted_weights_reproduce_official_features(tmp_path):
+    # The deepest variant tested with values (3-24-36-3, 70 M parameters), at a small input to stay fast.
+    torch.manual_seed(2)
+    official = randomize_norm_stats(official_resnest.resnest200()).eval()
+    ours = _convert_and_load(tmp_path, official, "resnest200")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = official_features(official, x), ours(x)
+    _assert_bit_identical(got, expected)
+
+
+@pytest.mark.parametrize("variant,factory", [("resnest200", official_resnest.resnest200),
+                                             ("resnest269", official_resnest.resnest269)])
+def test_deep_variants_have_every_official_tensor(variant, factory):
+    """On the meta device (structure, no values): our detectron2 backbone of the variant has exactly the
+    official model's tensors (names, shapes), the ones the converter carries over unchanged for detectron2."""
+    cfg = d2_cfg(**{"MODEL.RESNEST.VARIANT": variant, "MODEL.RESNETS.NORM": "BN", "MODEL.BACKBONE.FREEZE_AT": 0})
+    with torch.device("meta"):
+        official = factory()
+        ours = build_resnest_backbone(cfg, ShapeSpec(channels=3))
+    theirs = {k: tuple(v.shape) for k, v in official.state_dict().items() if not k.startswith("fc.")}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == theirs
+    assert [len(getattr(ours, f"layer{i}")) for i in range(1, 5)] == [len(getattr(official, f"layer{i}"))
+                                                                     for i in range(1, 5)]
 
 
 @pytest.mark.parametrize("output_stride,official_kwargs", [(8, {"dilated": True}), (16, {"dilation": 2})])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require
 from resnest_backbone.core import VARIANTS, FrozenBatchNorm2d, ResNeSt, build_resnest, onednn
 from resnest_backbone.core.fuse import (FusedBottleneck, FusedSplitAttention, deploy, fold_conv_norm, fuse_model,
                                         fuse_resnest)
@@ -126,7 +127,7 @@ def test_other_norms(norm):
 
 @pytest.mark.d2
 def test_frozen_trunk_and_detectron2_backbone():
-    d2 = pytest.importorskip("resnest_backbone.d2", reason="detectron2 is not installed")
+    d2 = require("resnest_backbone.d2", "needs detectron2: make env installs it")
     from resnest_backbone.core import get_variant
 
     torch.manual_seed(0)
@@ -340,7 +341,7 @@ def test_fuse_model_refuses_a_model_without_a_trunk():
 @pytest.mark.d2
 def test_fuse_model_on_faster_rcnn():
     """A whole detectron2 Faster R-CNN ResNeSt-FPN: trunk fused, FPN / head norms folded, channels_last."""
-    pytest.importorskip("resnest_backbone.d2", reason="detectron2 is not installed")
+    require("resnest_backbone.d2", "needs detectron2: make env installs it")
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 

@@ -1,11 +1,14 @@
 """Gradient checkpointing (ResNeSt grad_checkpoint, detectron2 MODEL.RESNEST.GRAD_CHECKPOINT, mmdet/mmseg
-with_cp): the same gradients, running statistics and DropBlock masks as the plain model, less memory, and
-the plain path wherever no backward follows (eval, no_grad, frozen blocks, TorchScript, tracing, fused)."""
+with_cp): the same gradients, running statistics and DropBlock masks as the plain model (also resnest50 with
+SyncBN across two processes), less memory, and the plain path wherever no backward follows (eval, no_grad,
+frozen blocks, TorchScript, tracing, fused)."""
 import copy
+import os
 
 import pytest
 import torch
 
+from conftest import require
 import resnest_backbone.core.trunk as trunk_module
 from resnest_backbone.bench.measure import PeakTensorMemory
 from resnest_backbone.core import Bottleneck, DropBlock2D, build_resnest
@@ -72,6 +75,48 @@ def test_gradients_and_running_stats_equal_plain(one_thread, variant, kwargs):
     assert checkpointed.grad_checkpoint and all(b.grad_checkpoint for b in checkpointed.modules()
                                                 if isinstance(b, Bottleneck))
     _compare(plain, checkpointed, torch.randn(2, 3, 64, 64))
+
+
+def _syncbn_worker(rank, world, init_method, out_dir):
+    """resnest50 with SyncBN and DropBlock, plain and checkpointed, trained on this process's images (1 and 2:
+    unequal batches); what each gave, to out_dir/rank{rank}.pt."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    plain, checkpointed = _pair("resnest50", norm="SyncBN", dropblock_prob=0.1)
+    x = torch.randn(1 + rank, 3, 64, 64, generator=torch.Generator().manual_seed(rank))
+    results = {}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        grads, x_grad, rng = _train_steps(model, x)
+        results[name] = dict(grads=grads, x_grad=x_grad, rng=rng, state=model.state_dict())
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_resnest50_with_syncbn_in_two_processes(tmp_path):
+    """What the README claims, as claimed: the real resnest50, SyncBN synchronising two gloo processes with
+    unequal batches (1 + 2 images), DropBlock on, two SGD steps: the checkpointed model's gradients (every
+    parameter's, the input's) within TOL of the plain model's in each process, then parameters and BN
+    statistics equal; and the statistics are the global batch's (equal in both processes)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_syncbn_worker, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for got in ranks:
+        plain, checkpointed = got["plain"], got["checkpointed"]
+        assert len(plain["grads"]) == len([p for p in build_resnest("resnest50").parameters()])
+        diff = max(_max_diff(plain["grads"], checkpointed["grads"]),
+                   (plain["x_grad"] - checkpointed["x_grad"]).abs().max().item())
+        assert diff <= TOL, diff
+        assert all(torch.equal(v, checkpointed["state"][k]) for k, v in plain["state"].items())
+        assert torch.equal(plain["rng"], checkpointed["rng"])
+    stats = [k for k in ranks[0]["plain"]["state"] if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(ranks[0]["plain"]["state"][k], ranks[1]["plain"]["state"][k]) for k in stats)
 
 
 def test_recomputation_runs_and_dropblock_drops(one_thread, monkeypatch):
@@ -209,9 +254,9 @@ def test_lazyconfig_backbone_kwarg():
 
 # ------------------------------------------------------------------------------------------ mmdet / mmseg
 def test_mm_with_cp_builds_and_trains_equal(one_thread):
-    pytest.importorskip("mmengine", reason="mmengine is not installed (make env installs the OpenMMLab stack)")
-    pytest.importorskip("mmdet", reason="mmdet is not installed")
-    pytest.importorskip("mmseg", reason="mmsegmentation is not installed")
+    require("mmengine", "make env installs the OpenMMLab stack")
+    require("mmdet", "make env installs mmdet==3.3.0")
+    require("mmseg", "make env installs mmsegmentation==1.2.2")
     from mmdet.registry import MODELS as MMDET_MODELS
     from mmseg.registry import MODELS as MMSEG_MODELS
 

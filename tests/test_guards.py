@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from conftest import require
 from resnest_backbone import build_resnest
 from resnest_backbone.convert import convert_checkpoint
 from resnest_backbone.guards import RESNEST_INPUT, input_problems
@@ -228,7 +229,7 @@ def _box_ap(output):
 # ---------------------------------------------------------------------------------------- mmdet, in-process
 @pytest.fixture
 def mm_model():
-    pytest.importorskip("mmdet")
+    require("mmdet", "make env installs mmdet==3.3.0")
     from mmengine.config import Config
     from mmengine.logging import MMLogger
 

@@ -18,7 +18,9 @@ import torch
 pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
 
 
-pytest.importorskip("detectron2")
+from conftest import require  # noqa: E402
+
+require("detectron2", "make env installs detectron2")
 from detectron2.data import DatasetMapper  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -133,7 +135,7 @@ def test_inference_returns_boxes_in_original_coordinates(model, dataset):
 
 
 def test_batch_of_one_in_training_where_the_official_code_fails():
-    resnest_torch = pytest.importorskip("resnest.torch.resnet")
+    resnest_torch = require("resnest.torch.resnet", "the official resnest==0.0.5, a test extra")
     official = resnest_torch.ResNet(resnest_torch.Bottleneck, [1, 1, 1, 1], radix=2, groups=1,
                                     bottleneck_width=64, deep_stem=True, stem_width=32, avg_down=True, avd=True)
     x = torch.randn(1, 3, 64, 64)

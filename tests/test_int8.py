@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require
 from resnest_backbone.core import build_resnest
 from resnest_backbone.core.quant import quantize_int8, resnest_trunks
 from test_bf16 import images, rel_err
@@ -120,7 +121,7 @@ def test_mmdet_faster_rcnn_int8_backbone():
     batches as a data loader gives them; model.backbone becomes the int8 graph (every conv of ResNeSt-14d:
     stem 3 + 4 blocks x 5 + 4 downsample = 27), the features after the neck stay within INT8_REL of fp32's,
     `predict` gives fp32 boxes and scores in the image."""
-    pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs it)")
+    require("mmdet", "make env installs mmdet==3.3.0")
     from mmdet.structures import DetDataSample
 
     from test_amp_mm import demo_faster_rcnn  # imported here: it skips its module without mmdet

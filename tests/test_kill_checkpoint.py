@@ -18,7 +18,9 @@ import torch
 pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
 
 
-pytest.importorskip("detectron2")
+from conftest import require  # noqa: E402
+
+require("detectron2", "make env installs detectron2")
 from resnest_backbone import build_resnest  # noqa: E402
 from resnest_backbone.convert import read_checkpoint  # noqa: E402
 from resnest_backbone.d2 import SafeDetectionCheckpointer  # noqa: E402
@@ -153,7 +155,6 @@ def _train_cmd(out_dir, max_iter, *extra):
             "DATASETS.TEST", "()"]
 
 
-@pytest.mark.skipif(not os.path.exists(TRAIN_NET), reason="tools/train_net.py not present")
 def test_train_net_killed_during_checkpoint_write_resumes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS=str(tmp_path / "datasets"),
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

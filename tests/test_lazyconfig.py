@@ -19,6 +19,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.utils.registry import locate
+from conftest import require
 from resnest_backbone.core import get_variant
 from resnest_backbone.d2 import ResNeStBackbone, build_resnest_backbone, get_config, get_config_file, list_configs
 from resnest_backbone.d2.lazy import adapt_lazy_cfg_to_device, is_lazy_config, lazy_dataset_names
@@ -308,10 +309,9 @@ def test_train_net_amp_bf16_on_cpu(tmp_path):
 UPSTREAM_TOOL = os.path.join(sys.prefix, "detectron2-tools", "lazyconfig_train_net.py")
 
 
-@pytest.mark.skipif(not os.path.isfile(UPSTREAM_TOOL), reason=f"upstream's tool is not kept at {UPSTREAM_TOOL} "
-                    "(tools/env/setup_env.sh puts it there)")
 def test_upstream_lazyconfig_train_net_runs_the_configs_unmodified(tmp_path):
     """detectron2's own tools/lazyconfig_train_net.py, run directly: the config imports the plugin itself."""
+    require(UPSTREAM_TOOL, "upstream detectron2's tool, kept beside the environment: tools/env/setup_env.sh puts it there")
     name, out = "retinanet_resnest101_fpn", tmp_path / "run"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.setdefault("DETECTRON2_DATASETS", os.path.join(REPO, "datasets"))

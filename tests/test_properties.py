@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
 
 
-pytest.importorskip("detectron2")
+from conftest import require  # noqa: E402
+
+require("detectron2", "make env installs detectron2")
 from resnest_backbone.core.trunk import STAGE_NAMES, STAGE_PLANES  # noqa: E402
 from resnest_backbone.d2 import ResNeStBackbone  # noqa: E402
 

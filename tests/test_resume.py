@@ -2,8 +2,9 @@
 checkpoint on disk is left unreadable (checkpoints are written to a temporary file, then renamed).
 
 Resume is exact (resnest_backbone.d2.resume): killed after a checkpoint and resumed, a run ends with the same
-weights, bit for bit, as the same run never interrupted, every iteration done once on the same data with the
-same loss; also with a random seed (SEED -1), two processes, aspect-ratio grouping and data loader workers."""
+weights, BN statistics, optimizer and LR-scheduler state, bit for bit, as the same run never interrupted, every
+iteration done once on the same data with the same loss; also with a random seed (SEED -1), two processes
+(their whole process group killed), aspect-ratio grouping and data loader workers."""
 import json
 import os
 import signal
@@ -313,31 +314,75 @@ def _states_along(loader, n):
         yield loader.state_dict()
 
 
-def test_two_process_stop_and_resume_is_bit_identical(tmp_path):
-    """Two processes (gloo, SyncBN in trunk and FPN), each with its own data stream position: a run stopped
-    after 4 iterations and resumed to 8 ends with the weights of a run of 8 (the checkpoint carries every
-    process's position, gathered to the main process when it is written)."""
-    def run(out, *extra):
+# Every process of a run (tools/train_net.py unmodified: the launcher and its spawned workers) imports this
+# first (Python's sitecustomize, from PYTHONPATH). With RESUME_KILL_GROUP_AT set, the main process SIGKILLs
+# its whole process group, every worker and the launcher, at the start of that iteration.
+KILL_GROUP = """
+import os
+if os.environ.get("RESUME_KILL_GROUP_AT"):
+    import signal
+    from detectron2.engine import HookBase
+    from detectron2.utils import comm
+    from resnest_backbone.d2 import train
+
+    class KillGroup(HookBase):
+        def before_step(self):
+            if self.trainer.iter == int(os.environ["RESUME_KILL_GROUP_AT"]) and comm.get_rank() == 0:
+                os.killpg(0, signal.SIGKILL)
+
+    build_hooks = train.Trainer.build_hooks
+    train.Trainer.build_hooks = lambda self: [KillGroup()] + build_hooks(self)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_sigkill_and_resume_is_bit_identical(tmp_path):
+    """Two processes (gloo, SyncBN in trunk and FPN), each with its own data stream position: a run whose
+    process group is killed (SIGKILL: launcher and both workers) in iteration 6, after the checkpoint of
+    iteration 3, and resumed with --resume, ends with the weights, BN statistics, optimizer state, LR
+    scheduler and data positions of the same run never interrupted (the checkpoint carries every process's
+    position, gathered to the main process when it is written)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(KILL_GROUP)
+
+    def run(out, *extra, kill_at=None):
         cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", CONFIG,
                "--num-gpus", "2", "--dist-url", "auto", *extra, *TINY, "SOLVER.IMS_PER_BATCH", "4",
                "MODEL.RESNETS.NORM", "SyncBN", "MODEL.FPN.NORM", "SyncBN", "SEED", "1", "DATASETS.TEST", "()",
-               # warm-up shorter than the first part: detectron2 scales it with MAX_ITER when it is longer
-               "SOLVER.WARMUP_ITERS", "2",
+               "SOLVER.WARMUP_ITERS", "2", "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "4",
                "INPUT.MIN_SIZE_TRAIN", "(56, 64)", "OUTPUT_DIR", str(out)]
-        env = dict(_env())
+        path = [str(tmp_path / "site"), REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env = dict(_env(), PYTHONPATH=os.pathsep.join(path))
         env.pop("OMP_NUM_THREADS")  # the launcher gives each process its share of the cores
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:]
-        return torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+        if kill_at is not None:
+            env["RESUME_KILL_GROUP_AT"] = str(kill_at)
+        # a session of its own: the kill takes the run's process group, not pytest
+        return subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=300, start_new_session=True)
 
-    whole = run(tmp_path / "a", "SOLVER.MAX_ITER", "8")
-    first = run(tmp_path / "b", "SOLVER.MAX_ITER", "4")
-    positions = first["trainer"]["exact_resume"]["data"]
-    assert len(positions) == 2 and all(p["train"]["next"] == 4 * 2 for p in positions)
-    resumed = run(tmp_path / "b", "--resume", "SOLVER.MAX_ITER", "8")
-    assert "Starting training from iteration 4" in (tmp_path / "b" / "log.txt.rank1").read_text()
-    assert whole["iteration"] == resumed["iteration"] == 7
-    assert whole["trainer"]["exact_resume"] == resumed["trainer"]["exact_resume"]
-    different = [k for k in whole["model"] if not torch.equal(whole["model"][k], resumed["model"][k])]
-    assert not different, different[:5]
+    whole = run(tmp_path / "a")
+    assert whole.returncode == 0, whole.stdout[-3000:]
+    killed = run(tmp_path / "b", kill_at=6)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    out = tmp_path / "b"
+    assert (out / "last_checkpoint").read_text().strip() == "model_0000003.pth"
+    assert not (out / "model_final.pth").exists() and not (out / "model_0000007.pth").exists()
+    resumed = run(out, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "Starting training from iteration 4" in (out / "log.txt.rank1").read_text()
+
+    a = torch.load(tmp_path / "a" / "model_final.pth", map_location="cpu", weights_only=True)
+    b = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 7
+    assert a["trainer"]["exact_resume"] == b["trainer"]["exact_resume"]  # seeds and both data positions
+    positions = b["trainer"]["exact_resume"]["data"]
+    assert len(positions) == 2 and all(p["train"]["next"] == 8 * 2 for p in positions)
+    assert a["trainer"]["hooks"] == b["trainer"]["hooks"]  # the LR scheduler's state
+    assert a["trainer"]["hooks"]["LRScheduler"]["last_epoch"] == 8
+    tensors_a, tensors_b = tensors_of(a), tensors_of(b)
+    assert tensors_a.keys() == tensors_b.keys()
+    assert any(k.startswith("/model/") and "running_var" in k for k in tensors_a)
+    assert any(k.startswith("/trainer/_trainer/optimizer/state/") for k in tensors_a)  # momentum buffers
+    different = [k for k in tensors_a if not torch.equal(tensors_a[k], tensors_b[k])]
+    assert not different, (f"{len(different)} tensors differ, e.g. {different[:5]}; max |a - b| = "
+                           f"{_max_abs_diff(tensors_a, tensors_b):.3g}")

@@ -14,9 +14,11 @@ import sys
 
 import pytest
 
-pytest.importorskip("mmengine", reason="mmengine is not installed (make env installs the OpenMMLab stack)")
-pytest.importorskip("mmcv.ops", reason="mmcv with compiled ops (mmcv.ops) is not importable (make env builds it)")
-pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs mmdet==3.3.0)")
+from conftest import require
+
+require("mmengine", "make env installs the OpenMMLab stack")
+require("mmcv.ops", "mmcv with its compiled ops: make env builds it")
+require("mmdet", "make env installs mmdet==3.3.0")
 
 import torch  # noqa: E402
 

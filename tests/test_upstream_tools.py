@@ -16,6 +16,8 @@ import zipfile
 
 import pytest
 
+from conftest import require
+
 pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,9 +27,7 @@ TINY = ["MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_
         "SOLVER.CHECKPOINT_PERIOD", "1", "DATASETS.TEST", "('resnest_demo_det_val_mini',)"]
 NO_EXTENSION = "Fast COCO eval is not built. Falling back to official COCO eval."
 
-if not os.path.isdir(TOOLS):
-    pytest.skip(f"upstream detectron2's tools are not kept beside this environment ({TOOLS}): "
-                "tools/env/setup_env.sh puts them there", allow_module_level=True)
+require(TOOLS, "upstream detectron2's tools, kept beside the environment: tools/env/setup_env.sh puts them there")
 
 
 def tool(name):

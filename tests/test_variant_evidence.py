@@ -14,7 +14,7 @@ import torch
 from resnest.torch import ablation as official_ablation
 from resnest.torch import resnest as official_resnest
 
-from conftest import d2_cfg, official_features, randomize_norm_stats
+from conftest import d2_cfg, official_features, randomize_norm_stats, require
 from resnest_backbone import build_resnest
 from resnest_backbone.convert import CheckpointError, convert_checkpoint, load_weights
 from resnest_backbone.convert.cli import main as convert_main
@@ -158,7 +158,7 @@ def test_fast_checkpoint_end_to_end(tmp_path):
 
 
 def test_openmmlab_loader_checks_the_record(tmp_path):
-    pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs it)")
+    require("mmdet", "make env installs mmdet==3.3.0")
     from resnest_backbone.mm import ResNeStSA
 
     src = tmp_path / "resnest50_fast_2s1x64d-44938639.pth"
@@ -209,7 +209,7 @@ def test_state_dicts_carry_the_architecture(tmp_path):
 
 
 def test_mmengine_load_from_refuses_another_avd_first(tmp_path):
-    pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs it)")
+    require("mmdet", "make env installs mmdet==3.3.0")
     from mmengine.runner.checkpoint import load_checkpoint, save_checkpoint
 
     from resnest_backbone.mm import ResNeStSA
@@ -224,7 +224,7 @@ def test_mmengine_load_from_refuses_another_avd_first(tmp_path):
 def test_mmengine_load_from_refuses_a_trunk_that_does_not_fit(tmp_path):
     """mmengine's load_from copies what fits and only logs size mismatches; ResNeStSA refuses a partial or
     wrong-shape trunk before any of it is copied (heads may differ)."""
-    pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs it)")
+    require("mmdet", "make env installs mmdet==3.3.0")
     from mmengine.runner.checkpoint import load_checkpoint, save_checkpoint
 
     from resnest_backbone.convert import CheckpointError

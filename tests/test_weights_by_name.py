@@ -1,6 +1,7 @@
 """Published weights by variant name (resnest_backbone/convert/sources.py), against an HTTP server on
 127.0.0.1 started here: the real sources are not reachable from the test machines, so the table is
-pointed at the local server with RESNEST_WEIGHTS_SOURCES, pinning the full sha256 of a real checkpoint."""
+pointed at the local server with RESNEST_WEIGHTS_SOURCES, pinning the full sha256 of a real checkpoint, and
+the built-in entries' own path (their 8-hex sha256 prefix) is served through RESNEST_WEIGHTS_MIRROR."""
 import hashlib
 import io
 import json
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from conftest import require
 from resnest_backbone import build_resnest
 from resnest_backbone.convert import CheckpointError, WeightsUnavailable, fetch_weights, load_weights
 from resnest_backbone.convert.cli import main as convert_main
@@ -132,6 +134,55 @@ def test_builtin_table(monkeypatch, tmp_path):
         assert entry.urls and all(u.startswith("https://") and u.endswith("/" + entry.file) for u in entry.urls)
         named = variant_from_filename(cached_path(name, str(tmp_path)))
         assert named is not None and get_variant(named).arch() == get_variant(name).arch(), name
+
+
+def test_builtin_entries_are_checked_by_their_published_prefix(server, weights, tmp_path, monkeypatch, capsys):
+    """The path every built-in entry takes (8-hex sha256 prefix, no RESNEST_WEIGHTS_SOURCES), through the
+    built-in table itself, served by a mirror (RESNEST_WEIGHTS_MIRROR: <mirror>/<published file name>); the
+    remote URLs are left out (not reachable from the test machines)."""
+    import dataclasses
+
+    from resnest_backbone.convert import sources
+
+    state, data, digest = weights
+    monkeypatch.delenv(SOURCES_ENV, raising=False)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(sources.MIRROR_ENV, server.url + "/mirror")
+    builtin = sources.weights_entry("resnest14d")
+    assert builtin is sources._BUILTIN["resnest14d"] and builtin.sha256 == "9c8fe254" and not builtin.full_hash
+
+    # The real entry: the mirror is asked for its published file; a file of another hash is refused by the prefix.
+    monkeypatch.setitem(sources._BUILTIN, "resnest14d", dataclasses.replace(builtin, urls=()))
+    server.files["/mirror/gluon_resnest14-9c8fe254.pth"] = data
+    with pytest.raises(WeightsUnavailable) as err:
+        fetch_weights("resnest14d", progress=False, log=lambda _: None)
+    assert f"{server.url}/mirror/gluon_resnest14-9c8fe254.pth: wrong file: sha256 {digest} does not match 9c8fe254" \
+        in str(err.value)
+    assert os.listdir(tmp_path / "cache" / "resnest14d") == ["gluon_resnest14-9c8fe254.pth.lock"]
+
+    # The same entry with the served file's own prefix in its file name, as the published files carry theirs:
+    # downloaded, checked by the prefix, cached, converted by name, and loaded by name from the cache.
+    prefix, file = digest[:8], f"gluon_resnest14-{digest[:8]}.pth"
+    monkeypatch.setitem(sources._BUILTIN, "resnest14d", dataclasses.replace(builtin, file=file, sha256=prefix, urls=()))
+    server.files[f"/mirror/{file}"] = data
+    out = tmp_path / "r14.pkl"
+    assert convert_main(["resnest14d", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"sha256 prefix {prefix} (the published 8 hex digits; no full hash is published) verified" in err, err
+    assert sha256_of(tmp_path / "cache" / "resnest14d" / file) == digest
+    assert server.requests[-1] == (f"/mirror/{file}", None)
+    model = build_resnest("resnest14d")
+    load_weights(model, "resnest14d")
+    assert torch.equal(model.state_dict()["layer2.0.conv2.fc2.weight"], state["layer2.0.conv2.fc2.weight"])
+    assert f"sha256 prefix {prefix}" in capsys.readouterr().err and len(server.requests) == 2  # from the cache
+
+    # A cached file whose prefix no longer matches is deleted and fetched again; a served one that does not
+    # match (one bit changed) is refused and nothing is kept.
+    (tmp_path / "cache" / "resnest14d" / file).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    server.files[f"/mirror/{file}"] = data[:-1] + bytes([data[-1] ^ 1])
+    with pytest.raises(WeightsUnavailable, match=f"does not match {prefix}"):
+        fetch_weights("resnest14d", progress=False, log=lambda _: None)
+    assert sorted(os.listdir(tmp_path / "cache" / "resnest14d")) == [builtin.file + ".lock", file + ".lock"]
 
 
 def test_cli_downloads_verifies_converts_then_uses_the_cache(server, table, weights, tmp_path):
@@ -260,8 +311,8 @@ def test_names_and_files(table, tmp_path, capsys, weights, monkeypatch):
 
 
 def test_mm_init_cfg_by_name(server, table, weights):
-    pytest.importorskip("mmengine", reason="mmengine is not installed (make env installs the OpenMMLab stack)")
-    pytest.importorskip("mmdet", reason="mmdet is not installed")
+    require("mmengine", "make env installs the OpenMMLab stack")
+    require("mmdet", "make env installs mmdet==3.3.0")
     from resnest_backbone.mm import ResNeStSA
 
     server.files["/r14.pth"] = weights[1]
@@ -276,7 +327,7 @@ def test_mm_init_cfg_by_name(server, table, weights):
 
 @pytest.mark.d2
 def test_detectron2_model_weights_by_name(server, table, weights):
-    pytest.importorskip("detectron2")
+    require("detectron2", "make env installs detectron2")
     from detectron2.modeling import build_model
 
     from conftest import d2_cfg

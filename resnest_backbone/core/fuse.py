@@ -416,7 +416,7 @@ def deploy(model: nn.Module, channels_last: bool = True, compile: bool = False, 
     otherwise; the compiled graph has the plain ops (onednn_dtype is None while compiling), which inductor
     turns into oneDNN convolutions and generated C++ kernels for the rest. Whether that beats the eager fast
     path is measured by tools/benchmark.py --compile (docs/benchmark.md). On CPU it needs a C++ compiler, the
-    first call for each input shape compiles (40 s for ResNeSt-50 at 800x1216 on 2 threads, 2026-12-02), and
+    first call for each input shape compiles (tens of seconds for ResNeSt-50 at detection size), and
     a new input shape recompiles (pass dynamic=True to avoid that, usually slower).
     With dtype, the compiled model is called under autocast (not tested here). A model on a CPU where `dtype`
     is slower than float32 (without native bf16 / fp16 instructions: precision.slower_than_fp32) gets a

@@ -247,12 +247,13 @@ def test_fused_avd_pool_runs_before_the_weighted_sum():
         for name in ref:
             assert (out[name] - ref[name]).abs().max().item() <= 1e-5 * ref[name].abs().max().item(), name
         for block in pooled:  # the pooled order against the plain one, block by block
-            mid = torch.relu(block.conv1(torch.randn(2, block.conv1.in_channels, 32, 48).contiguous(memory_format=fmt)))
+            # small: bf16 NCHW grouped convolutions are emulated, and very slow, on CPUs without native bf16
+            mid = torch.relu(block.conv1(torch.randn(2, block.conv1.in_channels, 8, 12).contiguous(memory_format=fmt)))
             for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 2e-2)):
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                     a = block.conv2.forward_pooled(mid, block.pool_after)
                     b = block.pool_after(block.conv2(mid))
-                assert a.dtype == b.dtype == dtype and a.shape == b.shape == (2, block.conv2.channels, 16, 24)
+                assert a.dtype == b.dtype == dtype and a.shape == b.shape == (2, block.conv2.channels, 4, 6)
                 assert a.is_contiguous(memory_format=fmt)
                 assert (a.float() - b.float()).abs().max().item() <= tol * b.float().abs().max().item()
 

@@ -1,4 +1,4 @@
-"""tools/benchmark.py and resnest_backbone.bench: the smoke run (tiny sizes, one round) runs every piece
+"""tools/benchmark.py and benchmarks/: the smoke run (tiny sizes, one round) runs every piece
 (matmul peak, every implementation under every treatment, training, detector, gradient checkpointing), the
 JSON round-trips and --render rewrites the report byte for byte from it; a failing treatment is recorded,
 not fatal; the goals judge crafted numbers as they should (a miss is a miss, a missing number is not met)."""
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import candidates, measure, render, run, treatments
+from benchmarks.measure import matmul_peak
 from conftest import require
-from resnest_backbone.bench import candidates, measure, render, run, treatments
-from resnest_backbone.bench.measure import matmul_peak
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -309,7 +309,7 @@ def test_steady_allocator_stops_page_faults_of_repeated_large_tensors(tmp_path):
     script = tmp_path / "faults.py"
     script.write_text(
         "import resource, statistics, sys, torch\n"
-        "from resnest_backbone.bench.measure import steady_allocator\n"
+        "from benchmarks.measure import steady_allocator\n"
         "set_ = steady_allocator() if sys.argv[1] == 'steady' else 'default'\n"
         "n = 256 * 2**20 // 4\n"
         "for _ in range(2):  # the heap grows to its size\n"
@@ -332,6 +332,28 @@ def test_steady_allocator_stops_page_faults_of_repeated_large_tensors(tmp_path):
     assert out["default"][1] > 0.5, out  # every allocation faults its pages in again
     assert out["steady"][2] < 0.05, out  # most allocations fault nothing (the heap may still grow once)
     assert out["steady"][0].startswith("glibc malloc, M_MMAP_MAX=0"), out
+
+
+def test_benchmark_is_not_in_the_package():
+    """benchmarks/ is a development tool: setup.py's own find_packages call (read from setup.py, run here)
+    ships resnest_backbone and its subpackages only, and nothing in the package imports the benchmark."""
+    import ast
+    import re
+
+    from setuptools import find_packages
+
+    setup_py = open(os.path.join(ROOT, "setup.py")).read()
+    call = next(n for n in ast.walk(ast.parse(setup_py)) if isinstance(n, ast.keyword) and n.arg == "packages")
+    packages = eval(compile(ast.Expression(call.value), "setup.py", "eval"),  # noqa: S307 - our own setup.py
+                    {"find_packages": lambda **kw: find_packages(where=ROOT, **kw)})
+    assert "resnest_backbone" in packages and "resnest_backbone.core" in packages
+    assert all(p == "resnest_backbone" or p.startswith("resnest_backbone.") for p in packages), packages
+    package_dir = os.path.join(ROOT, "resnest_backbone")
+    sources = [os.path.join(d, f) for d, _, files in os.walk(package_dir) for f in files if f.endswith(".py")]
+    assert len(sources) > 20
+    importing = [p for p in sources if re.search(r"^\s*(from|import)\s+(benchmarks|resnest_backbone\.bench)\b",
+                                                  open(p).read(), re.M)]
+    assert importing == [] and not os.path.exists(os.path.join(package_dir, "bench"))
 
 
 def test_parse_workloads():

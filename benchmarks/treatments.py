@@ -80,7 +80,7 @@ def bf16_autocast(model: nn.Module, x: torch.Tensor) -> Step:
 def int8_fx(model: nn.Module, x: torch.Tensor) -> Step:
     if x.device.type != "cpu":
         raise RuntimeError(f"int8 FX quantization (x86 backend) runs on CPU only, not {x.device.type}")
-    from ..core.quant import fx_int8  # the same flow as quantize_int8, for any FX-traceable model
+    from resnest_backbone.core.quant import fx_int8  # the same flow as quantize_int8, for any FX-traceable model
 
     prepared, convert = fx_int8(model, (x,), "x86")
     with torch.no_grad():
@@ -121,7 +121,7 @@ TRAIN_MENU: Tuple[Treatment, ...] = (
 
 
 def fused_channels_last(model: nn.Module, x) -> Step:
-    from ..core.fuse import fuse_model
+    from resnest_backbone.core.fuse import fuse_model
 
     return fuse_model(model, inplace=True, channels_last=True)
 
@@ -151,7 +151,7 @@ def own_treatments(compile_: bool) -> List[Treatment]:
     """Ours' fast path: resnest_backbone.core.fuse.deploy (folded norms, fused split attention,
     channels_last), alone and composed with the generic jit / compile treatments; in bf16 when deploy
     takes a dtype."""
-    from ..core.fuse import deploy
+    from resnest_backbone.core.fuse import deploy
 
     fast = (lambda m, x: deploy(m.eval(), channels_last=True))
     own = [

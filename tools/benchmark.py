@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Side-by-side speed of ResNeSt backbones, each implementation under the same menu of standard treatments:
 ours, the official code (resnest==0.0.5), timm, and torchvision's ResNet of the same depth; plus Faster
-R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machine's peak (the best of matmuls and dense convolutions).
+R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machine's peak (the best of matmuls
+and dense convolutions).
 
     python tools/benchmark.py --threads 2 --compile   # full run (the committed one): docs/benchmark.json,
                                                       # then .md and .png from it (about 30 min on 2 threads)
@@ -17,8 +18,8 @@ R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machin
 Pieces (benchmarks/ at the repository root: a development tool, not in the installed package):
 candidates.py (workloads, implementations), treatments.py (the menu), measure.py (timing, peak memory, GMACs,
 machine peak), run.py (what is measured, into one JSON-able dict), render.py (markdown + png from that dict
-alone, and the goals). This file is the command line: it measures
-into --json (default: --out with .json), then renders the report from the JSON as written.
+alone, and the goals). This file is the command line: it measures into --json (default: --out with .json),
+then renders the report from the JSON as written; every section names the CPU and its flags.
 The torch thread count is fixed (--threads) and recorded; run it on a quiet machine.
 """
 import os

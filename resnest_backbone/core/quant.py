@@ -99,19 +99,22 @@ class Int8SplitAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu0(self.bn0(self.conv(x)))
-        splits = [torch.narrow(x, 1, r * self.channels, self.channels) for r in range(self.radix)]
         pooled = nn.functional.adaptive_avg_pool2d(x, 1)
-        gap = torch.narrow(pooled, 1, 0, self.channels)
+        gap = self._split(pooled, 0)
         for r in range(1, self.radix):
-            gap = gap + torch.narrow(pooled, 1, r * self.channels, self.channels)
+            gap = gap + self._split(pooled, r)
         attention = self.fc2(self.relu1(self.bn1(self.fc1(gap))))
         if self.radix == 1:
             return x * torch.sigmoid(attention)
         weights = rsoftmax(attention, self.radix, self.cardinality)  # (B, radix, C, 1, 1)
-        out = splits[0] * weights[:, 0]
+        out = self._split(x, 0) * weights[:, 0]
         for r in range(1, self.radix):
-            out = out + splits[r] * weights[:, r]
+            out = out + self._split(x, r) * weights[:, r]
         return out
+
+    def _split(self, x: torch.Tensor, r: int) -> torch.Tensor:
+        # torch.narrow (not indexing): the x86 mapping keeps it on the quantized tensor, a view
+        return torch.narrow(x, 1, r * self.channels, self.channels)
 
 
 def int8_form(trunk: nn.Module) -> torch.fx.GraphModule:

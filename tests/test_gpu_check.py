@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+from conftest import require
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -116,8 +118,8 @@ def test_report_from_crafted_results(tmp_path):
 def test_speed_part_runs_on_the_cpu():
     """The speed part's own code (menu, our fast path in three precisions, measurement, report) on the CPU at
     a tiny size: every entry is a time or a recorded failure; fp32 treatments equal eager fp32."""
-    pytest.importorskip("resnest", reason="the official resnest package is a test dependency")
-    pytest.importorskip("timm", reason="timm is a test dependency")
+    require("resnest", "a test extra: pip install -e .[test]")
+    require("timm", "a test extra: pip install -e .[test]")
     tool = _tool()
     from benchmarks.candidates import Workload
 

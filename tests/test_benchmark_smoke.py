@@ -1,4 +1,4 @@
-"""tools/benchmark.py and resnest_backbone.bench: the smoke run (tiny sizes, one round) runs every piece
+"""tools/benchmark.py and benchmarks/: the smoke run (tiny sizes, one round) runs every piece
 (matmul peak, every implementation under every treatment, training, detector, gradient checkpointing), the
 JSON round-trips and --render rewrites the report byte for byte from it; a failing treatment is recorded,
 not fatal; the goals judge crafted numbers as they should (a miss is a miss, a missing number is not met)."""
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import candidates, measure, render, run, treatments
+from benchmarks.measure import matmul_peak
 from conftest import require
-from resnest_backbone.bench import candidates, measure, render, run, treatments
-from resnest_backbone.bench.measure import matmul_peak
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,6 +84,8 @@ def test_benchmark_smoke(tmp_path):
             assert bb["eval"][key][role][name]["ms"] > 0, (role, name)
             assert bb["eval"][key][role][name]["rel_err"] < 1e-4, (role, name)  # fp32: the same outputs
     assert bb["eval"][key]["ours"]["fast path"]["rel_err"] < 1e-4
+    if "x86" in torch.backends.quantized.supported_engines:  # ours' own int8: quantize_int8
+        assert 0 < bb["eval"][key]["ours"]["int8 quantize_int8"]["rel_err"] < 0.2
     if "ms" in bb["eval"][key]["ours"]["bf16 autocast"]:
         assert 0 < bb["eval"][key]["ours"]["bf16 autocast"]["rel_err"] < 0.1  # bf16: rounded, not wrong
     assert all(g["resnest"] > g["resnet"] > 0 for g in bb["gmacs"].values())
@@ -94,10 +96,13 @@ def test_benchmark_smoke(tmp_path):
     md = (tmp_path / "b.md").read_text()
     for i in bb["implementations"]:
         assert f"| {i['name']} |" in md
-    assert "## Goals (issue 12)" in md and "## Machine limit: matmul and convolution peak" in md
+    assert "## Goals (issues 12 and 23)" in md and "## Machine limit: matmul and convolution peak" in md
     assert f"Loss: {measure.TRAIN_LOSS}." in md  # what the training steps backpropagate, from the JSON
     assert "| dtype | mm 128x128 | mm 256x256 | conv 3x3 32->32 @32x32 | peak |" in md
-    assert md.count("| met |") + md.count("| **NOT MET** |") + md.count("| not measured |") == 6
+    assert md.count("| met |") + md.count("| **NOT MET** |") + md.count("| not measured |") == 7
+    assert saved["env"]["cpu_flags"] == measure.cpu_flags()
+    _assert_every_table_names_the_machine(md, saved["env"])
+    _assert_every_table_names_the_machine((tmp_path / "gc.md").read_text(), only["env"])
     if saved.get("detector"):
         det = saved["detector"]["eval"]
         assert set(det) == {"ours", "resnet"}
@@ -309,7 +314,7 @@ def test_steady_allocator_stops_page_faults_of_repeated_large_tensors(tmp_path):
     script = tmp_path / "faults.py"
     script.write_text(
         "import resource, statistics, sys, torch\n"
-        "from resnest_backbone.bench.measure import steady_allocator\n"
+        "from benchmarks.measure import steady_allocator\n"
         "set_ = steady_allocator() if sys.argv[1] == 'steady' else 'default'\n"
         "n = 256 * 2**20 // 4\n"
         "for _ in range(2):  # the heap grows to its size\n"
@@ -334,6 +339,28 @@ def test_steady_allocator_stops_page_faults_of_repeated_large_tensors(tmp_path):
     assert out["steady"][0].startswith("glibc malloc, M_MMAP_MAX=0"), out
 
 
+def test_benchmark_is_not_in_the_package():
+    """benchmarks/ is a development tool: setup.py's own find_packages call (read from setup.py, run here)
+    ships resnest_backbone and its subpackages only, and nothing in the package imports the benchmark."""
+    import ast
+    import re
+
+    from setuptools import find_packages
+
+    setup_py = open(os.path.join(ROOT, "setup.py")).read()
+    call = next(n for n in ast.walk(ast.parse(setup_py)) if isinstance(n, ast.keyword) and n.arg == "packages")
+    packages = eval(compile(ast.Expression(call.value), "setup.py", "eval"),  # noqa: S307 - our own setup.py
+                    {"find_packages": lambda **kw: find_packages(where=ROOT, **kw)})
+    assert "resnest_backbone" in packages and "resnest_backbone.core" in packages
+    assert all(p == "resnest_backbone" or p.startswith("resnest_backbone.") for p in packages), packages
+    package_dir = os.path.join(ROOT, "resnest_backbone")
+    sources = [os.path.join(d, f) for d, _, files in os.walk(package_dir) for f in files if f.endswith(".py")]
+    assert len(sources) > 20
+    importing = [p for p in sources if re.search(r"^\s*(from|import)\s+(benchmarks|resnest_backbone\.bench)\b",
+                                                  open(p).read(), re.M)]
+    assert importing == [] and not os.path.exists(os.path.join(package_dir, "bench"))
+
+
 def test_parse_workloads():
     assert candidates.parse_workloads("1x800x1216, 8x224x224") == (candidates.Workload(1, 800, 1216),
                                                                    candidates.Workload(8, 224, 224))
@@ -346,7 +373,7 @@ def test_parse_workloads():
 
 # ------------------------------------------------------------------------------------------- goal logic
 def _crafted(ours_fast=1000.0, ours_bf16=500.0, resnet_jit=800.0, official_cl=1800.0, det=(2400.0, 2200.0),
-             train=(8500.0, 4739.0, 11000.0, 4739.0), peak_fp32=200.0):
+             train=(8500.0, 4739.0, 11000.0, 4739.0), peak_fp32=200.0, ours_int8=480.0):
     """A result dict as run.py writes it, with chosen numbers (GMACs 100 / 80: MAC ratio 1.25)."""
     def ok(ms, peak=None, rel=0.0):
         e = {"ms": ms, "runs": [ms], "first_s": 1.0, "rel_err": rel}
@@ -356,7 +383,8 @@ def _crafted(ours_fast=1000.0, ours_bf16=500.0, resnet_jit=800.0, official_cl=18
 
     key, key_train = "800x1216 b1", "800x1216 b2"
     ev = {"ours": {"eager": ok(1600.0), "channels_last": ok(1400.0), "bf16 autocast": ok(ours_bf16, rel=5e-3),
-                   "int8 fx": {"error": "TraceError: control flow"}, "fast path": ok(ours_fast)},
+                   "int8 fx": {"error": "TraceError: control flow"}, "fast path": ok(ours_fast),
+                   "int8 quantize_int8": ok(ours_int8, rel=2e-2)},
           "official": {"eager": ok(2000.0), "channels_last": ok(official_cl), "bf16 autocast": ok(1200.0),
                        "int8 fx": {"error": "TraceError: proxy"}},
           "resnet": {"eager": ok(1400.0), "channels_last": ok(1000.0), "jit": ok(resnet_jit),
@@ -364,7 +392,7 @@ def _crafted(ours_fast=1000.0, ours_bf16=500.0, resnet_jit=800.0, official_cl=18
     tr = {"ours": {"eager": ok(11000.0, 4739.0), "channels_last": ok(train[0], train[1])},
           "official": {"eager": ok(12000.0, 4739.0), "channels_last": ok(train[2], train[3])}}
     dtypes = {"eager": "fp32", "channels_last": "fp32", "jit": "fp32", "bf16 autocast": "bf16", "int8 fx": "int8",
-              "fast path": "fp32", "fused + channels_last": "fp32"}
+              "fast path": "fp32", "fused + channels_last": "fp32", "int8 quantize_int8": "int8"}
     return {
         "schema": 2,
         "env": {"date": "2026-01-01 00:00 UTC", "device": "test CPU", "torch": "2.x", "threads": 2,
@@ -376,7 +404,7 @@ def _crafted(ours_fast=1000.0, ours_bf16=500.0, resnet_jit=800.0, official_cl=18
                  "int8": {"error": "RuntimeError: no int8 matmul"}, "bf16_over_fp32": 4.0},
         "treatments": {n: {"dtype": d, "description": n} for n, d in dtypes.items()},
         "backbone": {"implementations": [{"role": "ours", "name": "resnest50 ours", "arch": "resnest",
-                                          "own": ["fast path"]},
+                                          "own": ["fast path", "int8 quantize_int8"]},
                                          {"role": "official", "name": "resnest50 official 0.0.5", "arch": "resnest",
                                           "own": []},
                                          {"role": "resnet", "name": "ResNet-50 torchvision", "arch": "resnet",
@@ -390,6 +418,20 @@ def _crafted(ours_fast=1000.0, ours_bf16=500.0, resnet_jit=800.0, official_cl=18
     }
 
 
+def _assert_every_table_names_the_machine(md: str, env: dict):
+    """Every table of numbers in a report sits in a section whose opening names the machine and its CPU
+    flags."""
+    lines = md.splitlines()
+    line = render.machine_line(env)
+    assert "CPU flags: " in line and env["device"] in line
+    tables = [i for i, text in enumerate(lines) if text.startswith("|---")]
+    assert tables
+    for i in tables:
+        heading = max(j for j in range(i) if lines[j].startswith("#"))
+        if not lines[heading].startswith(render._NO_NUMBERS):  # the menu of treatments: no numbers
+            assert line in lines[heading:i], (lines[heading], lines[i - 1])
+
+
 def _verdicts(res):
     return [g["met"] for g in render.goals(res)]
 
@@ -399,7 +441,8 @@ def test_goals_met_and_missed_on_crafted_numbers():
     # time ratio 1000 / 800 = 1.25 <= MAC ratio 1.25: met (at the boundary). Detector 2400 / 2200 = 1.09: met.
     # train 11000 / 8500 = 1.29x >= 1.2, peak equal: met, met. bf16: official best fp32 1800 / 500 = 3.6x: met.
     res = _crafted()
-    assert _verdicts(res) == [True, True, True, True, True, True]
+    # int8: ours 480 / ResNet 300 = 1.6 <= 1.6: met (at the boundary).
+    assert _verdicts(res) == [True, True, True, True, True, True, True]
     goals = render.goals(res)
     assert goals[0]["measured"] == "100%" and "fast path" in goals[0]["how"]
     assert goals[1]["measured"] == "1.2500" and "jit" in goals[1]["how"]  # ResNet's best fp32 is its jit
@@ -409,13 +452,14 @@ def test_goals_met_and_missed_on_crafted_numbers():
               dict(det=(2600.0, 2200.0)),  # 1.18 > 1.15
               dict(train=(10000.0, 4739.0, 11000.0, 4739.0)),  # 1.1x < 1.2x
               dict(train=(8500.0, 4800.0, 11000.0, 4739.0)),  # more peak memory than the official
-              dict(ours_bf16=800.0)]  # 1800 / 800 = 2.25x < 2.5x
+              dict(ours_bf16=800.0),  # 1800 / 800 = 2.25x < 2.5x
+              dict(ours_int8=481.0)]  # 481 / 300 = 1.603 > 1.6
     for n, kwargs in enumerate(misses):
         res = _crafted(**kwargs)
         verdicts = _verdicts(res)
         assert verdicts[n] is False and all(v for i, v in enumerate(verdicts) if i != n), (n, verdicts)
         md = render.render_markdown(res)
-        assert md.count("| **NOT MET** |") == 1 and md.count("| met |") == 5
+        assert md.count("| **NOT MET** |") == 1 and md.count("| met |") == 6
     # a ratio just over the MAC ratio, equal at three decimals: four decimals show why it is not met
     res = _crafted(resnet_jit=799.8)  # 1000 / 799.8 = 1.25031 > 1.25
     assert render.goals(res)[1]["measured"] == "1.2503" and render.goals(res)[1]["target"] == "<= MAC ratio 1.2500"
@@ -431,9 +475,9 @@ def test_goals_not_measured_is_not_met():
     del res["detector"]
     res["backbone"]["train"]["800x1216 b2"]["official"]["channels_last"] = {"error": "ValueError: batch 1"}
     verdicts = _verdicts(res)
-    assert verdicts == [True, True, None, None, None, None]
+    assert verdicts == [True, True, None, None, None, None, True]
     md = render.render_markdown(res)
-    assert md.count("| not measured |") == 4 and md.count("| met |") == 2
+    assert md.count("| not measured |") == 4 and md.count("| met |") == 3
     assert "RuntimeError: no bf16" in md and "ValueError: batch 1" in md  # the failures are listed
 
 
@@ -445,6 +489,8 @@ def test_render_is_a_function_of_the_json(tmp_path):
     assert "fails [1]" in md and "1. resnest50 ours / int8 fx (800x1216 b1): TraceError: control flow" in md
     assert "| fp32 | 200 | 200 |" in md and "| int8 | - | not available: RuntimeError: no int8 matmul |" in md
     assert "bf16 / fp32 peak: 4.00 (well above 1" in md
+    assert "on test CPU, CPU flags: avx512_bf16;" in md  # the measured line
+    _assert_every_table_names_the_machine(md, res["env"])
     render.render_png(res, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import require
 import resnest_backbone.core.trunk as trunk_module
-from resnest_backbone.bench.measure import PeakTensorMemory
+from benchmarks.measure import PeakTensorMemory
 from resnest_backbone.core import Bottleneck, DropBlock2D, build_resnest
 
 TOL = 1e-6  # measured here: 0.0 for every case below (the recomputation is the same arithmetic)

@@ -19,7 +19,7 @@ from torch import nn
 
 from conftest import require
 from resnest_backbone.core import build_resnest
-from resnest_backbone.core.quant import quantize_int8, resnest_trunks
+from resnest_backbone.core.quant import int8_form, quantize_int8, resnest_trunks
 from test_bf16 import images, rel_err
 from test_fuse import randomize_norms
 
@@ -60,6 +60,61 @@ def test_trunk_int8_per_stage_error(stable50):
     # the caller's model is untouched: same weights, no observers, still a ResNeSt
     assert all(torch.equal(v, before[k]) for k, v in stable50.state_dict().items())
     assert quantized_convs(stable50) == 0 and not any("Observer" in type(m).__name__ for m in stable50.modules())
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs a GraphModule node by node, recording the shapes that enter dequantize / quantize_per_tensor and
+    the ReLUs that run on their own (not fused into a convolution or an add)."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.dequantized, self.quantized, self.relus = [], [], []
+
+    def call_method(self, target, args, kwargs):
+        if target == "dequantize":
+            self.dequantized.append(tuple(args[0].shape))
+        if target in ("relu", "relu_"):
+            self.relus.append(target)
+        return super().call_method(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.quantize_per_tensor:
+            self.quantized.append(tuple(args[0].shape))
+        if target in (torch.relu, torch.relu_, nn.functional.relu):
+            self.relus.append(str(target))
+        return super().call_function(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        if type(self.module.get_submodule(target)).__name__ in ("ReLU", "ReLU6"):
+            self.relus.append(target)
+        return super().call_module(target, args, kwargs)
+
+
+@pytest.mark.parametrize("radix,cardinality", [(2, 1), (1, 2), (4, 2)])
+def test_split_attention_runs_in_int8(radix, cardinality):
+    """int8_form (what quantize_int8 prepares) computes the trunk's function in fp32 (its split attention pools
+    each split before the split sum: equal up to rounding); once converted, no full-size tensor leaves int8
+    but the four stage outputs (any other dequantize is of one value per channel: the softmax's input), only
+    the image is quantized at full size, and every ReLU is fused into its convolution or add."""
+    torch.manual_seed(0)
+    trunk = randomize_norms(build_resnest("resnest14d", radix=radix, cardinality=cardinality)).eval()
+    x = images(1, (64, 96), torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = trunk(x)
+        form = int8_form(copy.deepcopy(trunk))
+        assert all(rel_err(form(x)[k], ref[k]) < 1e-5 for k in ref)
+    assert not any(type(m) is nn.Identity for m in form.modules())
+    q = quantize_int8(trunk, [x])
+    assert quantized_convs(q) == 27
+    run = _Recorder(q)
+    with torch.no_grad():
+        out = run.run(x)
+    assert all(rel_err(out[k], ref[k]) < INT8_REL for k in ref)
+    per_channel = max(m.out_channels for m in trunk.modules() if isinstance(m, nn.Conv2d))  # batch 1
+    full_size = [sorted(s for s in shapes if torch.Size(s).numel() > per_channel)
+                 for shapes in (run.dequantized, run.quantized)]
+    assert full_size == [sorted(tuple(v.shape) for v in ref.values()), [tuple(x.shape)]]
+    assert run.relus == []
 
 
 def test_refusals():

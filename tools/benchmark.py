@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Side-by-side speed of ResNeSt backbones, each implementation under the same menu of standard treatments:
 ours, the official code (resnest==0.0.5), timm, and torchvision's ResNet of the same depth; plus Faster
-R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machine's peak (the best of matmuls and dense convolutions).
+R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machine's peak (the best of matmuls
+and dense convolutions).
 
     python tools/benchmark.py --threads 2 --compile   # full run (the committed one): docs/benchmark.json,
                                                       # then .md and .png from it (about 30 min on 2 threads)
@@ -14,10 +15,11 @@ R-CNN ResNeSt-FPN vs R-50-FPN; every throughput also as a fraction of the machin
     python tools/benchmark.py --grad-checkpoint-only --grad-checkpoint-variants resnest50,resnest200 \
         --out docs/grad_checkpoint.md      # only: training step with / without gradient checkpointing
 
-Pieces (resnest_backbone.bench): candidates.py (workloads, implementations), treatments.py (the menu),
-measure.py (timing, peak memory, GMACs, machine peak), run.py (what is measured, into one JSON-able dict),
-render.py (markdown + png from that dict alone, and the goals). This file is the command line: it measures
-into --json (default: --out with .json), then renders the report from the JSON as written.
+Pieces (benchmarks/ at the repository root: a development tool, not in the installed package):
+candidates.py (workloads, implementations), treatments.py (the menu), measure.py (timing, peak memory, GMACs,
+machine peak), run.py (what is measured, into one JSON-able dict), render.py (markdown + png from that dict
+alone, and the goals). This file is the command line: it measures into --json (default: --out with .json),
+then renders the report from the JSON as written; every section names the CPU and its flags.
 The torch thread count is fixed (--threads) and recorded; run it on a quiet machine.
 """
 import os
@@ -39,12 +41,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from resnest_backbone.bench.candidates import (FULL_EVAL, FULL_TRAIN, GRAD_CHECKPOINT_LOAD,  # noqa: E402
-                                               SMOKE_CONV_SHAPES, SMOKE_EVAL, SMOKE_GRAD_CHECKPOINT_LOAD,
-                                               SMOKE_TRAIN,
-                                               detector_workload, parse_workloads)
-from resnest_backbone.bench.render import render_markdown, render_png  # noqa: E402
-from resnest_backbone.bench.run import run_benchmark  # noqa: E402
+from benchmarks.candidates import (FULL_EVAL, FULL_TRAIN, GRAD_CHECKPOINT_LOAD, SMOKE_CONV_SHAPES,  # noqa: E402
+                                   SMOKE_EVAL, SMOKE_GRAD_CHECKPOINT_LOAD, SMOKE_TRAIN, detector_workload,
+                                   parse_workloads)
+from benchmarks.render import render_markdown, render_png  # noqa: E402
+from benchmarks.run import run_benchmark  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "docs", "benchmark.md")

@@ -9,14 +9,15 @@ Every ResNeSt trunk in the model (the model itself, detectron2's `backbone.botto
 `backbone`) is symbolically traced, observed while the whole model runs on the calibration inputs (each
 item is run as `model(item)`, or as `forward(model, item)`), and converted: convolutions (with their folded
 BatchNorm and ReLU) and the attention's 1x1 convolutions run in int8 with per-channel weight scales (every
-BatchNorm kind, frozen or synchronised, is folded first); what the x86 mapping does not quantize (the radix
-softmax, split sums) runs in fp32 between quantize / dequantize steps. The trunk's
-outputs are fp32 again (dequantized), so necks and heads are untouched and stay fp32. The caller's model is
-not modified (a copy is quantized) unless inplace=True.
+BatchNorm kind, frozen or synchronised, is folded first), and so does the split attention's full-size work
+(Int8SplitAttention: pooling, split weighting and sum); only the attention weights (a softmax or sigmoid over
+batch x radix x channels values) are computed in fp32. The trunk's outputs are fp32 again (dequantized), so
+necks and heads are untouched and stay fp32. The caller's model is not modified (a copy is quantized) unless
+inplace=True.
 
 Error against fp32 is stated by tests/test_int8.py (relative error per stage on a trunk with calibrated
-statistics; a detectron2 Faster R-CNN's FPN levels and detections), speed by tools/benchmark.py ("int8 fx").
-Not for training, TorchScript or ONNX export of the quantized graph.
+statistics; a detectron2 Faster R-CNN's FPN levels and detections), speed by the benchmark
+(benchmarks/, "int8 quantize_int8"). Not for training, TorchScript or ONNX export of the quantized graph.
 """
 import copy
 from typing import Any, Callable, Iterable, List, Optional, Tuple
@@ -24,9 +25,10 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .split_attention import SplitAttentionConv2d, rsoftmax
 from .trunk import ResNeSt
 
-__all__ = ["fx_int8", "quantize_int8", "resnest_trunks"]
+__all__ = ["Int8SplitAttention", "fx_int8", "int8_form", "quantize_int8", "resnest_trunks"]
 
 
 def fx_int8(module: nn.Module, example: tuple, backend: str = "x86"):
@@ -77,6 +79,63 @@ def _plain_batch_norms(trunk: nn.Module) -> None:
         _set(trunk, name, plain)
 
 
+class Int8SplitAttention(nn.Module):
+    """A SplitAttentionConv2d's inference forward (same submodules, same weights) written with the operators
+    that torch.ao's x86 mapping runs on quantized tensors, so that FX quantizes the block end to end: conv +
+    bn0 + ReLU is one int8 convolution; the context pools every split (int8 average pool, at the conv's
+    scale) and adds the pooled splits; fc1 + bn1 + ReLU and fc2 are int8 convolutions; the split weights
+    (rsoftmax, or the sigmoid gate for radix 1) are fp32 on batch x radix x channels values; each split (a
+    torch.narrow view of the int8 conv output) is multiplied by its weights and the products added, in int8.
+    No full-size tensor is dequantized. In fp32 it equals the block's eval forward up to rounding (the
+    context is pooled before the split sum: linear, per channel). Eval only; not deformable."""
+
+    def __init__(self, block: SplitAttentionConv2d):
+        super().__init__()
+        if block.deformable:
+            raise ValueError("Int8SplitAttention: a deformable split attention has no int8 form")
+        self.radix, self.cardinality, self.channels = block.radix, block.cardinality, block.channels
+        self.conv, self.bn0, self.fc1, self.bn1, self.fc2 = block.conv, block.bn0, block.fc1, block.bn1, block.fc2
+        self.relu0, self.relu1 = nn.ReLU(), nn.ReLU()  # one per fusion pattern (conv-bn-relu, fc1-bn1-relu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu0(self.bn0(self.conv(x)))
+        pooled = nn.functional.adaptive_avg_pool2d(x, 1)
+        gap = self._split(pooled, 0)
+        for r in range(1, self.radix):
+            gap = gap + self._split(pooled, r)
+        attention = self.fc2(self.relu1(self.bn1(self.fc1(gap))))
+        if self.radix == 1:
+            return x * torch.sigmoid(attention)
+        weights = rsoftmax(attention, self.radix, self.cardinality)  # (B, radix, C, 1, 1)
+        out = self._split(x, 0) * weights[:, 0]
+        for r in range(1, self.radix):
+            out = out + self._split(x, r) * weights[:, r]
+        return out
+
+    def _split(self, x: torch.Tensor, r: int) -> torch.Tensor:
+        # torch.narrow (not indexing): the x86 mapping keeps it on the quantized tensor, a view
+        return torch.narrow(x, 1, r * self.channels, self.channels)
+
+
+def int8_form(trunk: nn.Module) -> torch.fx.GraphModule:
+    """`trunk` (eval) as the graph that FX int8 quantization prepares: every non-deformable
+    SplitAttentionConv2d swapped for its Int8SplitAttention (in place), symbolically traced, and the
+    nn.Identity calls (DropBlock at probability 0) removed from the graph, so that each convolution, its
+    folded norm and its ReLU match the backend's fusion pattern (an Identity between norm and ReLU leaves the
+    ReLU unfused). Same outputs as `trunk`."""
+    for name, module in list(trunk.named_modules()):
+        if type(module) is SplitAttentionConv2d and not module.deformable:
+            _set(trunk, name, Int8SplitAttention(module))
+    graph = torch.fx.symbolic_trace(trunk.eval())
+    for node in list(graph.graph.nodes):
+        if node.op == "call_module" and type(graph.get_submodule(node.target)) is nn.Identity:
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+    graph.delete_all_unused_submodules()
+    graph.recompile()
+    return graph
+
+
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
@@ -121,7 +180,7 @@ def quantize_int8(model: nn.Module, calibration: Iterable, backend: str = "x86",
     prepared = {}
     for name, module in trunks:
         _plain_batch_norms(module)
-        prepared[name], convert = fx_int8(module, examples[name], backend)
+        prepared[name], convert = fx_int8(int8_form(module), examples[name], backend)
         if name == "":
             model = prepared[name]
         else:

@@ -18,8 +18,9 @@ example input (already in the treatment's memory format) into the callable that 
 Training steps use the layout treatments and, with --compile, torch.compile (TRAIN_MENU: eager,
 channels_last, channels_last + compile: inductor compiles the forward and the backward; 1-2 min per model on
 2 threads here; compiled for the workload's fixed shape, dynamic=False); jit freezing, autocast and int8 are
-inference transforms. Ours additionally has its own fast path, `resnest_backbone.core.fuse.deploy`
-(own_treatments()): a treatment only ours has, reported as ours' own entries.
+inference transforms. Ours additionally has its own fast path, `resnest_backbone.core.fuse.deploy`, and its own
+int8, `resnest_backbone.core.quant.quantize_int8` (own_treatments()): treatments only ours has, reported as
+ours' own entries.
 """
 import inspect
 from dataclasses import dataclass
@@ -29,8 +30,8 @@ import torch
 from torch import nn
 
 __all__ = ["DETECTOR_MENU", "EVAL_MENU", "TRAIN_MENU", "Treatment", "bf16_autocast", "channels_last", "eager",
-           "fused_channels_last", "int8_fx", "jit_freeze", "menu", "own_treatments", "to_channels_last",
-           "torch_compile", "train_compile"]
+           "fp16_autocast", "fused_channels_last", "GPU_EVAL_MENU", "gpu_own_treatments", "int8_fx", "int8_quantize",
+           "jit_freeze", "menu", "own_treatments", "to_channels_last", "torch_compile", "train_compile"]
 
 Step = Callable[[torch.Tensor], Any]
 
@@ -77,10 +78,21 @@ def bf16_autocast(model: nn.Module, x: torch.Tensor) -> Step:
     return step
 
 
+def fp16_autocast(model: nn.Module, x: torch.Tensor) -> Step:
+    """channels_last + torch.autocast(device, torch.float16): the GPU's half precision (tools/gpu_check.py)."""
+    model = to_channels_last(model)
+
+    def step(inp: torch.Tensor):
+        with torch.autocast(inp.device.type, dtype=torch.float16):
+            return model(inp)
+
+    return step
+
+
 def int8_fx(model: nn.Module, x: torch.Tensor) -> Step:
     if x.device.type != "cpu":
         raise RuntimeError(f"int8 FX quantization (x86 backend) runs on CPU only, not {x.device.type}")
-    from ..core.quant import fx_int8  # the same flow as quantize_int8, for any FX-traceable model
+    from resnest_backbone.core.quant import fx_int8  # the same flow as quantize_int8, for any FX-traceable model
 
     prepared, convert = fx_int8(model, (x,), "x86")
     with torch.no_grad():
@@ -88,9 +100,18 @@ def int8_fx(model: nn.Module, x: torch.Tensor) -> Step:
     return convert(prepared)
 
 
+def int8_quantize(model: nn.Module, x: torch.Tensor) -> Step:
+    """Ours' own int8: quantize_int8 (its split attention in int8 form, then the int8 fx flow)."""
+    from resnest_backbone.core.quant import quantize_int8
+
+    return quantize_int8(model, [x])
+
+
 EAGER = Treatment("eager", eager, description="the model as built, NCHW")
 CHANNELS_LAST = Treatment("channels_last", channels_last, channels_last=True,
                           description="model and input in channels_last (NHWC) memory format")
+BF16_AUTOCAST = Treatment("bf16 autocast", bf16_autocast, dtype="bf16", channels_last=True,
+                          description="channels_last + torch.autocast(device, torch.bfloat16) around the forward")
 EVAL_MENU: Tuple[Treatment, ...] = (
     EAGER,
     CHANNELS_LAST,
@@ -99,11 +120,18 @@ EVAL_MENU: Tuple[Treatment, ...] = (
     Treatment("compile", torch_compile, channels_last=True, needs_compile=True,
               description='channels_last + torch.compile (inductor, options={"freezing": True}); only with '
                           "--compile"),
-    Treatment("bf16 autocast", bf16_autocast, dtype="bf16", channels_last=True,
-              description="channels_last + torch.autocast(device, torch.bfloat16) around the forward"),
+    BF16_AUTOCAST,
     Treatment("int8 fx", int8_fx, dtype="int8",
               description="post-training static int8, torch.ao FX graph mode (prepare_fx / convert_fx, x86 "
                           "qconfig mapping), calibrated on the timed input; needs an FX-traceable model"),
+)
+
+
+# On a GPU (tools/gpu_check.py): the layouts and both half precisions; ours' own: gpu_own_treatments().
+GPU_EVAL_MENU: Tuple[Treatment, ...] = (
+    EAGER, CHANNELS_LAST, BF16_AUTOCAST,
+    Treatment("fp16 autocast", fp16_autocast, dtype="fp16", channels_last=True,
+              description="channels_last + torch.autocast(device, torch.float16) around the forward"),
 )
 
 
@@ -121,7 +149,7 @@ TRAIN_MENU: Tuple[Treatment, ...] = (
 
 
 def fused_channels_last(model: nn.Module, x) -> Step:
-    from ..core.fuse import fuse_model
+    from resnest_backbone.core.fuse import fuse_model
 
     return fuse_model(model, inplace=True, channels_last=True)
 
@@ -150,8 +178,8 @@ def _param_dtype_input(model: nn.Module) -> Step:
 def own_treatments(compile_: bool) -> List[Treatment]:
     """Ours' fast path: resnest_backbone.core.fuse.deploy (folded norms, fused split attention,
     channels_last), alone and composed with the generic jit / compile treatments; in bf16 when deploy
-    takes a dtype."""
-    from ..core.fuse import deploy
+    takes a dtype; and ours' int8, quantize_int8."""
+    from resnest_backbone.core.fuse import deploy
 
     fast = (lambda m, x: deploy(m.eval(), channels_last=True))
     own = [
@@ -162,9 +190,26 @@ def own_treatments(compile_: bool) -> List[Treatment]:
     if compile_:
         own.append(Treatment("fast path + compile", lambda m, x: torch_compile(fast(m, x), x), channels_last=True,
                              needs_compile=True, description="the fast path, then the compile treatment"))
+    own.append(Treatment("int8 quantize_int8", int8_quantize, dtype="int8",
+                         description="resnest_backbone.core.quant.quantize_int8 (the int8 form of the split "
+                                     "attention, then the int8 fx flow), calibrated on the timed input"))
     if "dtype" in inspect.signature(deploy).parameters:  # the bf16 fast path, where deploy has one
         own.append(Treatment(
             "fast path bf16",
             lambda m, x: _param_dtype_input(deploy(m.eval(), channels_last=True, dtype=torch.bfloat16)),
             dtype="bf16", channels_last=True, description="deploy(model, channels_last=True, dtype=torch.bfloat16)"))
     return own
+
+
+def gpu_own_treatments() -> List[Treatment]:
+    """Ours' fast path on a GPU: deploy(model, channels_last=True) in fp32, bf16 and fp16."""
+    from resnest_backbone.core.fuse import deploy
+
+    def fast(dtype):
+        return lambda m, x: _param_dtype_input(deploy(m.eval(), channels_last=True, dtype=dtype))
+
+    return [Treatment(f"fast path{suffix}", fast(dtype), dtype=name, channels_last=True,
+                      description=f"deploy(model, channels_last=True{arg})")
+            for suffix, dtype, name, arg in (("", None, "fp32", ""),
+                                             (" bf16", torch.bfloat16, "bf16", ", dtype=torch.bfloat16"),
+                                             (" fp16", torch.float16, "fp16", ", dtype=torch.float16"))]

@@ -1,15 +1,19 @@
 """The benchmark report (markdown + bar chart), rendered from the result dict of run.py alone (as saved in
 JSON): `render_markdown(res)` is a pure function of it, so a committed JSON regenerates the report byte for
-byte. `goals(res)` judges the issue-12 goals on the numbers; a goal whose numbers are missing (a failure, a
-part not run) is "not measured", never met.
+byte. `goals(res)` judges the goals of issues 12 and 23 on the numbers; a goal whose numbers are missing (a
+failure, a part not run) is "not measured", never met. Every section with numbers opens with the machine
+they were measured on and its CPU flags (`machine_line`): bf16 and int8 speed depend on them.
 """
 import os
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["GOAL_TARGETS", "best", "goals", "render_markdown", "render_png"]
+__all__ = ["GOAL_TARGETS", "best", "goals", "machine_line", "render_markdown", "render_png"]
 
-# Issue 12 goals (benchmark goals: the report shows whether each is met).
-GOAL_TARGETS = {"fp32_peak_fraction": 0.92, "detector_ratio": 1.15, "train_speedup": 1.2, "bf16_speedup": 2.5}
+# Issue 12 and 23 goals (benchmark goals: the report shows whether each is met).
+GOAL_TARGETS = {"fp32_peak_fraction": 0.92, "detector_ratio": 1.15, "train_speedup": 1.2, "bf16_speedup": 2.5,
+                "int8_ratio": 1.6}
+# Sections without numbers: no machine line under their heading.
+_NO_NUMBERS = ("## Treatments", "## Failures")
 COMPETITORS = ("official", "timm", "resnet")
 
 
@@ -54,7 +58,7 @@ def _names(res: dict) -> Dict[str, str]:
 
 # -------------------------------------------------------------------------------------------------- goals
 def goals(res: dict) -> List[dict]:
-    """The issue-12 goals on the measured numbers: [{"goal", "target", "measured", "met" (True / False /
+    """The goals of issues 12 and 23 on the measured numbers: [{"goal", "target", "measured", "met" (True / False /
     None = not measured), "how"}]."""
     bb = res.get("backbone", {})
     key, key_train = bb.get("key_eval"), bb.get("key_train")
@@ -115,6 +119,14 @@ def goals(res: dict) -> List[dict]:
     target = GOAL_TARGETS["bf16_speedup"]
     add(f"eval {key}: ours bf16 vs official best fp32: speed-up", f">= {target:.1f}x", r5,
         None if r5 is None else r5 >= target, f"ours {tb}, official {to}", lambda v: f"{v:.2f}x")
+    # 6 (issue 23): ours in int8 against ResNet in int8, each its best int8 treatment
+    ti, msi = best(res, ev.get("ours", {}), ("int8",))
+    tri, msri = best(res, ev.get("resnet", {}), ("int8",))
+    r6 = _ratio(msi, msri)
+    target = GOAL_TARGETS["int8_ratio"]
+    add(f"eval {key}: time ours int8 / {_names(res).get('resnet', 'ResNet')} int8", f"<= {target:.2f}", r6,
+        None if r6 is None else r6 <= target, f"best int8 of each: ours {ti}, ResNet {tri}"
+        + ("" if mac is None else f"; MAC ratio {mac:.3f}"), lambda v: f"{v:.3f}")
     return out
 
 
@@ -123,11 +135,36 @@ def _met(g: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ markdown
+def _flags(env: dict) -> str:
+    return " ".join(env.get("cpu_flags") or []) or "none of avx2, avx512*, amx*, avx_vnni"
+
+
+def machine_line(env: dict) -> str:
+    """Where the numbers were measured: device, CPU flags (avx512* / amx* / avx2 / avx_vnni), threads, date."""
+    return (f"Machine: {env.get('device', '-')}; CPU flags: {_flags(env)}; {env.get('threads', '-')} threads; "
+            f"{env.get('date', '-')}.")
+
+
+def _with_machine(lines: List[str], env: dict) -> List[str]:
+    """`lines` with the machine line under every section heading whose section holds a table of numbers
+    (before the next heading), so a table copied out of the report keeps the CPU it was measured on."""
+    out: List[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        if line.startswith("#") and not line.startswith(_NO_NUMBERS):
+            section = next((lines[i + 1:j] for j in range(i + 1, len(lines)) if lines[j].startswith("#")),
+                           lines[i + 1:])
+            if any(text.startswith("|---") for text in section):
+                out += ["", machine_line(env)]
+    return out
+
+
 def _measured_line(env: dict, args: dict, rounds: Optional[str] = None) -> str:
     rounds = rounds or (f"{args['repeats']} timed rounds ({args['repeats_large']} at detection size"
                         + (f", {args['repeats_train']} for training steps" if args.get("repeats_train") else "")
                         + ")")
-    return (f"Measured {env['date']} on {env['device']}; torch {env['torch']}, {env['threads']} threads "
+    return (f"Measured {env['date']} on {env['device']}, CPU flags: {_flags(env)}; torch {env['torch']}, "
+            f"{env['threads']} threads "
             f"(interop {env['interop_threads']}"
             + (f", OMP_WAIT_POLICY={env['omp_wait_policy']}" if env.get("omp_wait_policy") else "")
             + f"); {args['warmup']} warm-up + {rounds}, interleaved, medians; "
@@ -245,7 +282,7 @@ def _peak_section(res: dict) -> List[str]:
         native = ("well above 1: bf16 runs on native bf16 instructions" if ratio >= 1.5 else
                   "not above 1.5: bf16 is probably emulated through fp32 (no native bf16 matmul)")
         lines += ["", f"bf16 / fp32 peak: {ratio:.2f} ({native}); torch CPU capability "
-                  f"{env.get('cpu_capability', '-')}, CPU flags: {', '.join(env.get('cpu_flags') or ['-'])}."]
+                  f"{env.get('cpu_capability', '-')}."]
     lines += ["", "mm: square `torch.mm` (int8: `torch._int_mm`, int32 accumulation), GFLOP/s = 2 n^3 / s; conv: one "
               "dense `F.conv2d`, batch 1, channels_last, same padding, GFLOP/s = 2 x multiply-adds / s; each the "
               "best of 3 after one untimed call. The peak of a dtype is the best of its row: throughputs below "
@@ -446,12 +483,13 @@ def render_markdown(res: dict) -> str:
     if "backbone" not in res:  # --grad-checkpoint-only
         lines = [f"# Benchmark: gradient checkpointing{smoke}", "",
                  _measured_line(env, args, f"{args['repeats_large']} timed rounds"), ""]
-        return "\n".join(lines + render_grad_checkpoint(res["grad_checkpoint"]))
+        return "\n".join(_with_machine(lines + render_grad_checkpoint(res["grad_checkpoint"]), env))
     bb = res["backbone"]
     fails = _Failures()
     lines = [f"# Benchmark: {args['variant']} backbone{smoke}", "", _measured_line(env, args), ""]
     # ---- goals first: the verdict
-    lines += ["## Goals (issue 12)", "", "| goal | target | measured | verdict | how |", "|---|---|---:|---|---|"]
+    lines += ["## Goals (issues 12 and 23)", "", "| goal | target | measured | verdict | how |",
+              "|---|---|---:|---|---|"]
     for g in goals(res):
         lines.append(f"| {g['goal']} | {g['target']} | {g['measured']} | {_met(g)} | {g['how']} |")
     lines.append("")
@@ -482,7 +520,7 @@ def render_markdown(res: dict) -> str:
     if res.get("grad_checkpoint"):
         lines += render_grad_checkpoint(res["grad_checkpoint"])
     lines += fails.lines()
-    return "\n".join(lines)
+    return "\n".join(_with_machine(lines, env))
 
 
 # ------------------------------------------------------------------------------------------------------ png

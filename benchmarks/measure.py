@@ -25,6 +25,7 @@ import datetime
 import logging
 import os
 import platform
+import re
 import resource
 import statistics
 import time
@@ -391,15 +392,16 @@ def matmul_peak(sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 3, dev
 
 
 def cpu_flags() -> List[str]:
-    """The CPU's bf16 / int8 matrix flags from /proc/cpuinfo (avx512_bf16, amx_bf16, amx_int8, avx512_vnni,
-    ...), where readable."""
+    """The CPU's vector / matrix flags that decide bf16 and int8 speed, from /proc/cpuinfo where readable:
+    every avx512*, amx*, avx2 and avx_vnni flag (what `grep -o -w -E 'avx512[a-z_0-9]*|amx[a-z_]*|avx2|avx_vnni'
+    /proc/cpuinfo` prints). Recorded with every number: the same code is several times faster or slower
+    in bf16 and int8 from one CPU to the next."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return []
-    return sorted(f for f in set(flags) if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx512f",
-                                                                        "avx_vnni", "avx2"))
+    return sorted(f for f in set(flags) if re.fullmatch(r"avx512[a-z_0-9]*|amx[a-z_]*|avx2|avx_vnni", f))
 
 
 def load_average() -> Optional[float]:

@@ -11,7 +11,7 @@ from typing import Callable, List, Tuple
 import torch
 from torch import nn
 
-from ..core import build_resnest, get_variant
+from resnest_backbone.core import build_resnest, get_variant
 from .treatments import Treatment, own_treatments
 
 __all__ = ["FULL_EVAL", "FULL_TRAIN", "GRAD_CHECKPOINT_LOAD", "Implementation", "SMOKE_CONV_SHAPES", "SMOKE_EVAL",
@@ -141,7 +141,7 @@ def detector_implementations(variant: str, device: str = "cpu") -> List[Implemen
     trunk ("resnet"), from the same config (faster_rcnn_resnest50_fpn.yaml), each built with seed 0."""
 
     def build(arch: str) -> nn.Module:
-        from ..d2.export import build_detectron2_model
+        from resnest_backbone.d2.export import build_detectron2_model
 
         opts = ["MODEL.RESNEST.VARIANT", variant]
         if arch == "resnet":  # same config (FPN, 4conv1fc head, norms), detectron2's ResNet-50 trunk

@@ -8,7 +8,9 @@ menu of treatments, and of Faster R-CNN ResNeSt-FPN vs R-50-FPN. Separate pieces
     run.py          what is measured: one JSON-able result dict
     render.py       markdown + png and the goals, from that dict alone
 
-tools/benchmark.py is the command line. Imports torch only; the official resnest package, timm, torchvision,
+tools/benchmark.py is the command line; tools/gpu_check.py times the same candidates on a GPU. A development
+tool run from a checkout (the repository root on sys.path), not part of the installed package. Imports torch
+and resnest_backbone only; the official resnest package, timm, torchvision,
 fvcore, matplotlib and detectron2 are imported when the pieces that need them run.
 """
 from .candidates import (FULL_EVAL, FULL_TRAIN, GRAD_CHECKPOINT_LOAD, SMOKE_EVAL, SMOKE_GRAD_CHECKPOINT_LOAD,

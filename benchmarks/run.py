@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..core import build_resnest
+from resnest_backbone.core import build_resnest
 from .candidates import (Implementation, Stages, Workload, backbone_implementations, detector_implementations,
                          torchvision_resnet)
 from .measure import (conv_bound, count_gmacs, environment, eval_step, interleaved, load_average, matmul_peak,

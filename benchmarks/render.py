@@ -186,7 +186,7 @@ def render_grad_checkpoint(gc: dict) -> list:
                      f"{_fmt(r.get('checkpoint_peak'), 0)} | "
                      f"{_fmt(_ratio(r.get('checkpoint_peak'), r.get('plain_peak')), 2)} |")
     lines += ["", "Checkpointed: `grad_checkpoint=True` (detectron2 `MODEL.RESNEST.GRAD_CHECKPOINT`, mmdet/mmseg "
-              "`with_cp=True`), each bottleneck recomputed in the backward; the same weights, the same gradients. "
+              "`with_cp=True`), each bottleneck recomputed in the backward; the same gradients (tests/test_grad_checkpoint.py: resnest14d/26d/50). "
               "Peak: tensors allocated during the step (weight gradients included); the stem is not checkpointed.",
               ""]
     return lines

@@ -192,22 +192,21 @@ def prepare_state_dict(model: nn.Module, ckpt: Checkpoint, *, prefix: str = "", 
                        hint: str = "strict=False loads what fits") -> Prepared:
     """THE preparation of a read checkpoint for a model holding one ResNeSt trunk; every loader calls it.
 
-    1. Only the keys under `prefix` (e.g. a whole detector's `backbone.`) are used; the others are ignored.
-    2. Naming: the trunk's naming (official/timm, mmdet, detectron2-ResNeSt fork) and wrapper prefix are
-       detected and renamed to the model's keys. A file that holds nothing but a trunk goes to the model's
-       trunk (its ImageNet classifier and step counters the model lacks are dropped). Otherwise, by default
-       only the file's trunk is taken (other keys: report.ignored); with `whole_model` the file is a
-       checkpoint of the whole model: its keys stay where they are (a leading `module.` stripped, as the
-       frameworks do) and `align` (detectron2's matching heuristics) maps them to the model's first.
-    3. Every trunk tensor is compared by name and shape (report). strict: anything missing, unexpected or
-       of another shape refuses the file (CheckpointError naming it and the first keys; `hint`: how to opt
-       out). Nothing has been loaded at that point.
-    4. The architecture the file records (or its official / timm name says) is checked against the trunk's:
-       all of it when the shapes fit, what shapes cannot show (avd, avd_first) when they do not; a
-       contradiction is refused either way.
-    5. A DCN trunk's offset branches that a plain file lacks are set to zero (report.initialised).
-    Returns the weights to load (with `whole_model` all of them: the framework's loader deals with heads
-    and reports what does not fit; otherwise the trunk tensors that fit), the report and the evidence."""
+    1. Keys: those under `prefix` (e.g. a detector's `backbone.`; the rest is ignored). The trunk's naming
+       (official/timm, mmdet, detectron2-ResNeSt fork) and wrapper prefix are detected and renamed to the
+       model's keys. A file holding only a trunk goes to the model's trunk (a classifier and step counters
+       the model lacks are dropped). Any other file gives its trunk (the rest: report.ignored), or with
+       `whole_model` is a checkpoint of the whole model: its keys stay (a leading `module.` stripped, as the
+       frameworks do), aligned by `align` (detectron2's matching heuristics) when given.
+    2. Every trunk tensor is compared by name and shape (report). strict: anything missing, unexpected or of
+       another shape refuses the file (CheckpointError naming it and the first keys; `hint`: how to opt
+       out); nothing has been loaded.
+    3. The architecture the file records (or its official / timm name says) is checked against the trunk's:
+       all of it when the shapes fit, what shapes cannot show (avd, avd_first) otherwise; refused if it
+       contradicts.
+    4. A DCN trunk's offset branches that a plain file lacks are set to zero (report.initialised).
+    Returns the weights to load (with `whole_model` all of them: the framework's loader deals with heads and
+    reports what does not fit; otherwise the trunk tensors that fit), the report and the evidence."""
     target, trunk = find_trunk(model)
     report = LoadReport(source=ckpt.path, target=target)
     record = find_record(ckpt.data, ckpt.path, ckpt.metadata)

@@ -41,7 +41,7 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from ..convert.arch import RECORD_KEY, model_record
 from ..convert.io import (Checkpoint, CheckpointError, _unwrap, atomic_write, read_checkpoint, safetensors_metadata,
                           verify_weights_only)
-from ..convert.load import prepare_state_dict
+from ..convert.load import find_trunk, prepare_state_dict
 from ..convert.naming import detect_naming
 from ..convert.sources import resolve_checkpoint
 from ..guards import INPUT_KEY, RESNEST_INPUT, arm_random_heads, check_input, logger_log, random_parts
@@ -125,10 +125,10 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     def _trunk(self):
         """(name, module) of the model's one ResNeSt trunk, or None."""
-        from ..core import ResNeSt
-
-        found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, ResNeSt)]
-        return found[0] if len(found) == 1 else None
+        try:
+            return find_trunk(self.model)
+        except CheckpointError:
+            return None
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)

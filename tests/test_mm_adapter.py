@@ -8,10 +8,12 @@ import sys
 
 import pytest
 
-pytest.importorskip("mmengine", reason="mmengine is not installed (make env installs the OpenMMLab stack)")
-pytest.importorskip("mmcv.ops", reason="mmcv with compiled ops (mmcv.ops) is not importable (make env builds it)")
-pytest.importorskip("mmdet", reason="mmdet is not installed (make env installs mmdet==3.3.0)")
-pytest.importorskip("mmseg", reason="mmsegmentation is not installed (make env installs mmsegmentation==1.2.2)")
+from conftest import require
+
+require("mmengine", "make env installs the OpenMMLab stack")
+require("mmcv.ops", "mmcv with its compiled ops: make env builds it")
+require("mmdet", "make env installs mmdet==3.3.0")
+require("mmseg", "make env installs mmsegmentation==1.2.2")
 
 import torch  # noqa: E402
 
@@ -162,7 +164,9 @@ def _tiny(dropblock_prob):
 def _runner(tmp_path, model, train_cfg, hooks):
     from mmengine.runner import Runner
 
-    return Runner(model=model, work_dir=str(tmp_path), default_scope="mmengine", train_cfg=train_cfg,
+    # experiment_name: mmengine keeps one logger / visualizer per name (by default the second it started in)
+    return Runner(model=model, work_dir=str(tmp_path), experiment_name=f"run:{tmp_path}", default_scope="mmengine",
+                  train_cfg=train_cfg,
                   train_dataloader=dict(dataset=[dict(inputs=torch.randn(3, 32, 32)) for _ in range(2)], batch_size=2,
                                         sampler=dict(type="DefaultSampler", shuffle=False),
                                         collate_fn=dict(type="default_collate")),

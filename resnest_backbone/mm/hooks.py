@@ -61,7 +61,8 @@ class ResNeStDropBlockHook(Hook):
             self.scheduler = scheduler
             final = self.drop_prob if self.drop_prob is not None else "their configured value"
             (getattr(runner, "logger", None) or logging.getLogger(__name__)).info(
-                f"DropBlock: {len(scheduler.blocks)} blocks ramped from {self.start} to {final} over {steps} iterations")
+                f"DropBlock: {len(scheduler.blocks)} blocks ramped from {self.start} to {final} over {steps} "
+                "iterations")
         return self.scheduler
 
     def _update(self, runner) -> None:

@@ -1,6 +1,6 @@
-"""Exact resume for mmengine's IterBasedTrainLoop (any other loop is refused at the start): a run killed after a checkpoint and resumed with
-`resume=True` ends with the same weights, bit for bit, as a run that was never interrupted (same config,
-`randomness=dict(seed=...)`; CPU, or a GPU with deterministic kernels).
+"""Exact resume for mmengine's IterBasedTrainLoop (any other loop is refused at the start): a run killed after a
+checkpoint and resumed with `resume=True` ends with the same weights, bit for bit, as a run that was never
+interrupted (same config, `randomness=dict(seed=...)`; CPU, or a GPU with deterministic kernels).
 
     custom_imports = dict(imports=['resnest_backbone.mm'], allow_failed_imports=False)  # registers the hook
     custom_hooks = [dict(type='ExactResumeHook')]

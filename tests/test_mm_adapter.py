@@ -125,6 +125,7 @@ def test_importing_the_adapter_changes_only_the_registries_and_the_documented_lo
         "identity": False, "keys": [""], "new": {"": ours + "compat.load_from_local"}}}
 
 
+@pytest.mark.slow  # a process of its own
 def test_an_installed_mmdet_that_does_not_import_fails_the_import_with_its_cause(tmp_path):
     # mmcv 2.2.0 (what `pip install -U mmcv` gives) is outside the range mmdet 3.3 / mmseg 1.2 assert on import.
     proc = _python("import mmcv\nmmcv.__version__ = '2.2.0'\nimport resnest_backbone.mm\n", tmp_path)
@@ -134,6 +135,7 @@ def test_an_installed_mmdet_that_does_not_import_fails_the_import_with_its_cause
     assert "AssertionError: MMCV==2.2.0 is used but incompatible" in last and "uninstall mmdet" in last
 
 
+@pytest.mark.slow  # a process of its own
 def test_without_mmdet_the_adapter_registers_in_mmseg(tmp_path):
     code = ("import sys\nsys.modules['mmdet'] = None  # not installed: find_spec gives None, imports fail\n"
             "import resnest_backbone.mm as mm\nfrom mmseg.registry import MODELS\n"

@@ -245,19 +245,28 @@ def test_safetensors_never_reach_an_unpickler(tmp_path):
     assert seen.calls == []
 
 
-def test_old_torch_is_refused_or_warned(tmp_path, monkeypatch):
-    # torch.load(weights_only=True) does not exist before 1.13 and had a bypass before 2.6 (CVE-2025-32434).
-    from resnest_backbone.convert import io
+@pytest.mark.parametrize("version", ["1.12.1", "2.5.1"])
+def test_old_torch_refuses_pickled_torch_files(tmp_path, monkeypatch, version):
+    # torch.load(weights_only=True) does not exist before 1.13 and had a bypass before 2.6 (CVE-2025-32434):
+    # such a torch reads no pickled torch file, and says what to do; .pkl (our own unpickler) and
+    # .safetensors (no pickle) still read.
+    from safetensors.torch import save_file
 
     path = tmp_path / "w.pth"
     torch.save({"conv1.0.weight": torch.ones(1)}, path)
-    monkeypatch.setattr(io, "_torch_version", lambda: (1, 12))
-    with pytest.raises(CheckpointError, match="cannot load .pth files safely"):
-        read_checkpoint(str(path))
-    monkeypatch.setattr(io, "_torch_version", lambda: (2, 4))
-    monkeypatch.setattr(io, "_warned_old_torch", False)
-    with pytest.warns(UserWarning, match="CVE-2025-32434"):
-        read_checkpoint(str(path))
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"conv1.0.weight": torch.ones(1)}, legacy, _use_new_zipfile_serialization=False)
+    pkl, st = tmp_path / "w.pkl", tmp_path / "w.safetensors"
+    with open(pkl, "wb") as f:
+        pickle.dump({"conv1.0.weight": np.ones(1, np.float32)}, f, protocol=4)
+    save_file({"conv1.0.weight": torch.ones(1)}, str(st))
+    monkeypatch.setattr(torch, "__version__", version)
+    for name in (path, legacy):
+        with pytest.raises(CheckpointError, match=rf"refused: torch {version} .*CVE-2025-32434.*upgrade torch "
+                                                  r"\(>= 2.6\), or convert the file to .safetensors"):
+            read_checkpoint(str(name))
+    assert read_checkpoint(str(pkl))["conv1.0.weight"].tolist() == [1.0]
+    assert read_checkpoint(str(st))["conv1.0.weight"].tolist() == [1.0]
 
 
 

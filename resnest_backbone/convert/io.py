@@ -3,7 +3,7 @@
 Nothing we are handed is executed:
 - torch files (zip or legacy `.pth`/`.pt`/`.bin`/`.ckpt`/`.pyth`/`.pth.tar`) go through
   torch.load(weights_only=True), which admits tensors and plain containers (plus, here, numpy arrays and
-  argparse.Namespace, both data only);
+  argparse.Namespace, both data only); refused on torch < 2.6, where that loading has a known bypass;
 - pickles (detectron2 `.pkl`) go through an unpickler that admits only numpy arrays and plain containers;
 - `.safetensors` go through safetensors (no pickle at all).
 The reader is chosen from the file's first bytes, not its name (a detectron2 pickle renamed `.pth` is still
@@ -73,9 +73,6 @@ def _torch_version() -> tuple:
     return tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
 
 
-_warned_old_torch = False
-
-
 def _torch_safe_globals() -> list:
     """numpy arrays (as the .pkl reader admits) and argparse.Namespace (timm/mmcv training checkpoints
     store their arguments in one): data-only classes, allowlisted for weights_only loading."""
@@ -105,23 +102,11 @@ def _numpy_global(module: str, name: str):
 
 
 def _read_torch(path: str, allow: Sequence = (), map_location="cpu") -> Any:
-    global _warned_old_torch
-    version = _torch_version()
-    if version < (1, 13):
-        raise CheckpointError(f"{path}: torch {torch.__version__} cannot load .pth files safely (no "
-                              "weights_only); upgrade torch (>= 2.6) or convert the file to .safetensors "
-                              "where it is trusted")
-    if version < _MIN_SAFE_TORCH and not _warned_old_torch:
-        warnings.warn(f"torch {torch.__version__}: torch.load(weights_only=True) has a known bypass "
-                      "(CVE-2025-32434) before torch 2.6; upgrade torch or use .safetensors / .pkl weights "
-                      "for files you do not trust", stacklevel=3)
-        _warned_old_torch = True
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    if safe_globals is None:
-        if allow:
-            raise CheckpointError(f"{path}: torch {torch.__version__} has no safe_globals; upgrade torch (>= 2.6)")
-        return torch.load(path, map_location=map_location, weights_only=True)
-    with safe_globals(_torch_safe_globals() + list(allow)):
+    if _torch_version() < _MIN_SAFE_TORCH:
+        raise CheckpointError(f"{path}: refused: torch {torch.__version__} cannot read pickled torch files safely "
+                              "(torch.load(weights_only=True) has a known bypass before torch 2.6, CVE-2025-32434); "
+                              "upgrade torch (>= 2.6), or convert the file to .safetensors where it is trusted")
+    with torch.serialization.safe_globals(_torch_safe_globals() + list(allow)):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -11,10 +11,11 @@ over it, a whole detector). The file is read safely (see io.py) in any supported
 mmdet, detectron2-ResNeSt fork, ours; under any wrapper prefix such as `module.` or
 `backbone.bottom_up.`) and renamed to the model's (official) names before loading.
 
-This module is the one place that compares weights with a model and reports the differences: the
-converter, `load_weights`, the detectron2 checkpointer and the mmdet/mmseg `init_cfg` loader all call
-`compare_with_model` and raise `mismatch_error`, and check the architecture evidence with
-`arch.check_arch` through `match_trunk` (or directly).
+This module is the one place that prepares weights for a model: `prepare_state_dict` renames them to the
+model's keys, compares the trunk (`compare_with_model`), refuses what does not fit (`mismatch_error`) and
+checks the architecture evidence (`arch.check_arch`). `load_weights`, the detectron2 checkpointer, the
+mmdet/mmseg `init_cfg` loader and ResNeStSA's whole-model loads call it and keep only their framework's
+plumbing; the converter uses the same comparison and message.
 
 Deformable (DCN) trunks: a file without any offset branch (`conv2_offset`, e.g. an ImageNet trunk) fills a DCN
 model; its offset branches are reported as newly initialised (zero: zero offsets) rather than missing. A file
@@ -22,7 +23,8 @@ that has offset branches must have all of the model's, like any other tensor.
 """
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+import os
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -108,36 +110,23 @@ def ignorable(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def detected_variants(official: Mapping[str, torch.Tensor]) -> str:
-    """Which variants official-named trunk weights match, for messages."""
+def detected_variants(weights: Mapping[str, torch.Tensor]) -> str:
+    """Which variants trunk weights (any naming, under any wrapper prefix) match, or what the weights are
+    instead, for messages."""
     try:
-        arch = read_arch(official)
+        naming, prefix = detect_naming(weights)
+    except ValueError:
+        try:
+            return describe_foreign(weights)
+        except Exception:  # odd values (not tensors): say nothing more than that
+            return "not a ResNeSt"
+    try:
+        arch = read_arch({naming.to_official(k[len(prefix):]): v for k, v in weights.items() if k.startswith(prefix)})
         return ", ".join(variants_matching(arch)) or f"no known variant ({fmt_arch(arch)})"
     except CheckpointError as exc:
         return f"unreadable architecture ({exc})"
     except (ValueError, TypeError, AttributeError):
-        return describe_foreign(official)
-
-
-def trunk_weights(weights: Dict[str, torch.Tensor], naming, prefix: str, expected, report: LoadReport,
-                  rename: Optional[Callable[[str], Optional[str]]] = None) -> Dict[str, torch.Tensor]:
-    """The file's trunk tensors under the model's (official) names. Keys outside `prefix` and a classifier
-    the model lacks go to report.ignored; report.detected says which variants the tensors match.
-    `rename` maps an official name to the model's own where they differ (None: keep it)."""
-    official: Dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        if not key.startswith(prefix):
-            report.ignored.append(key)
-            continue
-        name = naming.to_official(key[len(prefix):])
-        if rename is not None:
-            name = rename(name) or name
-        if name.startswith("fc.") and name not in expected:
-            report.ignored.append(key)  # the ImageNet classifier
-            continue
-        official[name] = value
-    report.detected = detected_variants(official)
-    return official
+        return "not a ResNeSt"
 
 
 def compare_with_model(expected: Mapping[str, Sequence[int]], found: Mapping[str, torch.Tensor],
@@ -186,37 +175,95 @@ def not_resnest_error(path: str, weights: Mapping[str, torch.Tensor], consequenc
                            f"First keys: {first}")
 
 
-def match_trunk(trunk: nn.Module, ckpt: Checkpoint, target: str = "", prefix: str = "",
-                rename: Optional[Callable[[str], Optional[str]]] = None,
-                check_architecture: bool = True) -> Tuple[LoadReport, Dict[str, torch.Tensor]]:
-    """Check a read checkpoint against a trunk: the architecture the file records (or its name says)
-    against the trunk's, then every tensor by name and shape. Returns the report and the tensors that fit
-    (under the trunk's own names); raises CheckpointError for a foreign file or a contradicting record."""
+_TRUNK_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")  # official names
+
+
+class Prepared(NamedTuple):
+    """What prepare_state_dict found: `weights` under the model's own keys (for its load_state_dict with
+    strict=False), the report, and the architecture evidence checked (the file's record or what its
+    official / timm name says; None: there was none)."""
+    weights: Dict[str, torch.Tensor]
+    report: LoadReport
+    evidence: Optional[dict]
+
+
+def prepare_state_dict(model: nn.Module, ckpt: Checkpoint, *, prefix: str = "", whole_model: bool = False,
+                       strict: bool = True, align: Optional[Callable[[Dict], Dict]] = None,
+                       hint: str = "strict=False loads what fits") -> Prepared:
+    """THE preparation of a read checkpoint for a model holding one ResNeSt trunk; every loader calls it.
+
+    1. Keys: those under `prefix` (e.g. a detector's `backbone.`; the rest is ignored). The trunk's naming
+       (official/timm, mmdet, detectron2-ResNeSt fork) and wrapper prefix are detected and renamed to the
+       model's keys. A file holding only a trunk goes to the model's trunk (a classifier and step counters
+       the model lacks are dropped). Any other file gives its trunk (the rest: report.ignored), or with
+       `whole_model` is a checkpoint of the whole model: its keys stay (a leading `module.` stripped, as the
+       frameworks do), aligned by `align` (detectron2's matching heuristics) when given.
+    2. Every trunk tensor is compared by name and shape (report). strict: anything missing, unexpected or of
+       another shape refuses the file (CheckpointError naming it and the first keys; `hint`: how to opt
+       out); nothing has been loaded.
+    3. The architecture the file records (or its official / timm name says) is checked against the trunk's:
+       all of it when the shapes fit, what shapes cannot show (avd, avd_first) otherwise; refused if it
+       contradicts.
+    4. A DCN trunk's offset branches that a plain file lacks are set to zero (report.initialised).
+    Returns the weights to load (with `whole_model` all of them: the framework's loader deals with heads and
+    reports what does not fit; otherwise the trunk tensors that fit), the report and the evidence."""
+    target, trunk = find_trunk(model)
     report = LoadReport(source=ckpt.path, target=target)
-    report.record = file_evidence(ckpt.path, find_record(ckpt.data, ckpt.path, ckpt.metadata))
-    weights = ckpt.weights
+    record = find_record(ckpt.data, ckpt.path, ckpt.metadata)
+    # a file's name is evidence (official / timm conventions); a state_dict handed over in memory has none
+    evidence = report.record = file_evidence(ckpt.path, record) if record or os.path.isfile(ckpt.path) else None
+    weights = dict(ckpt.weights)
     if prefix:
         report.ignored = [k for k in weights if not k.startswith(prefix)]
         weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         if not weights:
             raise CheckpointError(f"{ckpt.path}: no keys start with prefix {prefix!r}; nothing was loaded")
+    if whole_model and weights and all(k.startswith("module.") for k in weights):
+        weights = {k[len("module."):]: v for k, v in weights.items()}
     try:
-        naming, found = detect_naming(weights.keys())
+        naming, found = detect_naming(weights)
     except ValueError:
-        raise not_resnest_error(ckpt.path, weights, "nothing was loaded") from None
-    report.naming, report.prefix = naming.name, prefix + found
+        if not whole_model:
+            raise not_resnest_error(ckpt.path, weights, "nothing was loaded") from None
+        naming, found = None, ""  # not a ResNeSt: compared as it is (and refused when strict)
+    report.naming, report.prefix = getattr(naming, "name", "none"), prefix + found
     expected = trunk.state_dict()
-    official = trunk_weights(weights, naming, found, expected, report, rename)
+    lead = target + "." if target else ""
+    as_trunk = naming is not None and (not whole_model or found in ("", "module.") and all(
+        naming.to_official(k[len(found):]).startswith(_TRUNK_ROOTS) for k in weights if k.startswith(found)))
+    if as_trunk:
+        official: Dict[str, torch.Tensor] = {}
+        for key, value in weights.items():
+            name = naming.to_official(key[len(found):]) if key.startswith(found) else None
+            if name is None or name.startswith("fc.") and name not in expected:
+                report.ignored.append(key)  # outside the trunk, or the ImageNet classifier
+            elif name in expected or not ignorable(name):
+                official[name] = value
+        weights = {lead + k: v for k, v in official.items()}
+    else:
+        weights = {found + naming.to_official(k[len(found):]) if naming and k.startswith(found) else k: v
+                   for k, v in weights.items()}
+        if align is not None:
+            weights = align(weights)
+        official = {k[len(lead):]: v for k, v in weights.items() if k.startswith(lead)}
+    report.detected = detected_variants(official or weights)
     to_load = compare_with_model(expected, official, report)
-    if check_architecture:  # all of it when the shapes fit; what shapes cannot show when they do not
-        check_arch(ckpt.path, report.record, trunk.weight_arch(),
-                   where=f"the model's ResNeSt trunk{' (' + target + ')' if target else ''}",
-                   keys=ARCH_KEYS if report.complete else INVISIBLE)
-    return report, to_load
+    variant = (variants_matching(trunk.weight_arch()) or ["custom"])[0]
+    at = f" at '{target}'" if target else ""
+    if strict and not report.complete:
+        raise mismatch_error(ckpt.path, f"{type(trunk).__name__}({variant}){at}", report, hint=hint)
+    check_arch(ckpt.path, evidence, trunk.weight_arch(), where=f"the model's ResNeSt trunk{at}",
+               keys=ARCH_KEYS if report.complete else INVISIBLE)
+    if not whole_model:
+        weights = {lead + k: v for k, v in to_load.items()}
+    weights.update({lead + k: v for k, v in report.initial_values(expected).items()})
+    report.loaded = sorted(to_load)
+    return Prepared(weights, report, evidence)
 
 
 def load_weights(model: nn.Module, path: str, strict: bool = True) -> LoadReport:
-    """Read `path` safely, rename it to the model's names and load it into the model's ResNeSt trunk.
+    """Read `path` safely, rename it to the model's names and load it into the model's ResNeSt trunk
+    (prepare_state_dict, then the model's load_state_dict).
 
     strict=True: any missing, unexpected or wrong-shape trunk tensor raises CheckpointError (naming the
     file, the detected variant and the first offending keys with shapes) and nothing is loaded.
@@ -226,21 +273,16 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> LoadReport
     A classifier (fc.*) in the file is ignored when the model has none; keys outside the trunk (a
     detector's heads) are listed as ignored. A DCN model's offset branches that a plain file lacks are set
     to zero and listed as newly initialised."""
-    target, trunk = find_trunk(model)
     path = resolve_checkpoint(path)[0]  # a variant name: its published weights (sources.py)
-    report, to_load = match_trunk(trunk, open_checkpoint(path), target)
-    where = "the model's ResNeSt trunk" + (f" ({target})" if target else "")
-    if strict and not report.complete:
-        raise mismatch_error(str(path), where, report)
-    result = trunk.load_state_dict({**to_load, **report.initial_values(trunk.state_dict())}, strict=False)
+    prepared = prepare_state_dict(model, open_checkpoint(path), strict=strict)
+    result = model.load_state_dict(prepared.weights, strict=False)
     leftover = [k for k in result.unexpected_keys if not ignorable(k)]
     if leftover:  # cannot happen with the checks above; never let it pass silently
         raise CheckpointError(f"{path}: torch did not accept {leftover[:5]}")
-    report.loaded = sorted(to_load)
-    if not report.complete:
-        logging.getLogger(__name__).warning("partial load:\n%s", report)
-    return report
+    if not prepared.report.complete:
+        logging.getLogger(__name__).warning("partial load:\n%s", prepared.report)
+    return prepared.report
 
 
-__all__ = ["LoadReport", "compare_with_model", "find_trunk", "ignorable", "load_weights", "match_trunk",
-           "mismatch_error", "not_resnest_error", "trunk_weights"]
+__all__ = ["LoadReport", "Prepared", "compare_with_model", "detected_variants", "find_trunk", "ignorable",
+           "load_weights", "mismatch_error", "not_resnest_error", "prepare_state_dict"]

@@ -4,7 +4,8 @@ The official names (zhanghang1989/ResNeSt, identical in timm) are the hub: our c
 every other naming is a table of renames relative to them:
 
   official / timm      conv1.{0,1,3,4,6}  bn1   layer1.0.bn1   layer1.0.conv2.bn1   layer1.0.downsample.1
-  mmdet / mmseg        stem.{0,1,3,4,6}   stem.7  (blocks unchanged)
+  mmdet / mmseg        stem.{0,1,3,4,6}   stem.7  (blocks unchanged; with GroupNorm mmcv spells a block's
+                       norms gn1 / gn3 / conv2.gn0 / conv2.gn1, read as bn*)
   d2fork               stem.conv1_1 ...   stem.conv1_3.norm   res2.0.conv1.norm   res2.0.conv2.bn1   res2.0.shortcut
                        (the detectron2-ResNeSt fork)
 
@@ -27,13 +28,14 @@ class Naming:
     stage_prefix: str = "layer"  # official stage i (layer1..4) is called f"{stage_prefix}{i + stage_offset}"
     stage_offset: int = 0
     marker: str = "conv1.0.weight"  # a key that identifies this naming
+    aliases: Dict[str, str] = field(default_factory=dict)  # inside a block, other spellings -> official (read only)
 
     def from_official(self, key: str) -> str:
         return self._rename(key, self.stem, self.block, "layer", 0, self.stage_prefix, self.stage_offset)
 
     def to_official(self, key: str) -> str:
         inverse = lambda table: {v: k for k, v in table.items()}  # noqa: E731
-        return self._rename(key, inverse(self.stem), inverse(self.block), self.stage_prefix,
+        return self._rename(key, inverse(self.stem), {**inverse(self.block), **self.aliases}, self.stage_prefix,
                             self.stage_offset, "layer", 0)
 
     @staticmethod
@@ -56,7 +58,8 @@ def _rename_prefix(key: str, table: Mapping[str, str]) -> str:
 OFFICIAL = Naming("official")
 MMDET = Naming("mmdet", stem={"conv1.0.": "stem.0.", "conv1.1.": "stem.1.", "conv1.3.": "stem.3.",
                                "conv1.4.": "stem.4.", "conv1.6.": "stem.6.", "bn1.": "stem.7."},
-               marker="stem.0.weight")
+               marker="stem.0.weight",  # mmcv names a GroupNorm gn{N} where a BatchNorm is bn{N}:
+               aliases={"gn1.": "bn1.", "gn3.": "bn3.", "conv2.gn0.": "conv2.bn0.", "conv2.gn1.": "conv2.bn1."})
 D2FORK = Naming("d2fork",
                 stem={"conv1.0.": "stem.conv1_1.", "conv1.1.": "stem.conv1_1.norm.",
                       "conv1.3.": "stem.conv1_2.", "conv1.4.": "stem.conv1_2.norm.",

@@ -4,19 +4,17 @@ half a trunk, and never leaves a half-written checkpoint. A thin shell over resn
 - Reading: every file goes through convert.read_checkpoint (`.pkl` through an unpickler that admits only
   numpy arrays and plain containers, `.pth` through torch.load(weights_only=True), `.safetensors` through
   safetensors); detectron2's own loader pickle.loads `.pkl` files, which runs whatever code they carry.
-- Architecture: the record a converted file or a training checkpoint carries (or an official / timm file
-  name) is checked against the model's trunk (convert.check_arch): `avd_first`, invisible in weights,
-  cannot slip through.
-- Naming: a bare ResNeSt trunk in any known naming (official/timm `.pth`, `.safetensors`, our converter's
-  `.pkl`, mmdet, the detectron2-ResNeSt fork) is renamed to the model's own keys (e.g.
-  `backbone.bottom_up.layer1.0.conv2.fc1.weight`), so it loads by exact name instead of by detectron2's
-  suffix heuristics (which skip a wrong-shape tensor with only a log line).
-- Strict trunk, before anything is copied: files that ask for detectron2's matching heuristics (the
-  `matching_heuristics` flag, or `file.pkl?matching_heuristics=True` as on detectron2 main) are aligned
-  first, then every trunk tensor is compared by name and shape (convert.compare_with_model); a missing or
-  wrong-shape trunk tensor refuses the file (CheckpointError naming it and the first keys) and the model
-  is untouched. Heads may still differ (fine-tuning to other classes). `checkpointer.strict_backbone =
-  False` loads such a file partially (detectron2 then logs what it skipped).
+- Weights: prepared for the model by convert.prepare_state_dict, as by every loader. A bare ResNeSt trunk in
+  any known naming (official/timm, our converter's `.pkl`, mmdet, the detectron2-ResNeSt fork) is renamed to
+  the model's own keys (e.g. `backbone.bottom_up.layer1.0.conv2.fc1.weight`), so it loads by exact name
+  instead of by detectron2's suffix heuristics (which skip a wrong-shape tensor with only a log line); files
+  that ask for the heuristics (the `matching_heuristics` flag, or `file.pkl?matching_heuristics=True` as on
+  detectron2 main) are aligned first. Then, before anything is copied, every trunk tensor is compared by
+  name and shape and the architecture the file records (or its official / timm name says) with the trunk's:
+  a missing or wrong-shape trunk tensor refuses the file (CheckpointError naming it and the first keys), as
+  does another architecture (`avd_first` is invisible in the weights). Heads may still differ (fine-tuning
+  to other classes). `checkpointer.strict_backbone = False` loads a partial trunk (detectron2 then logs
+  what it skipped).
 - `load()` is exception-safe: a refused load leaves the checkpointer usable (detectron2 main keeps
   `_parsed_url_during_load` set after an exception, failing every later load).
 - Saving: to a temporary file in the same folder, checked to read back with the weights-only reader, then
@@ -30,26 +28,26 @@ half a trunk, and never leaves a half-written checkpoint. A thin shell over resn
   key names the warning gives; without it, the model's pixel_mean / pixel_std / input_format) against what
   the weights were trained on (RGB, ImageNet mean/std; or what a checkpoint of this project records).
 """
+import functools
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 from urllib.parse import parse_qs, urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-from ..convert.arch import RECORD_KEY, check_arch, file_evidence, find_record, model_record
-from ..convert.io import (CheckpointError, _unwrap, atomic_write, read_checkpoint, safetensors_metadata,
+from ..convert.arch import RECORD_KEY, model_record
+from ..convert.io import (Checkpoint, CheckpointError, _unwrap, atomic_write, read_checkpoint, safetensors_metadata,
                           verify_weights_only)
-from ..convert.load import LoadReport, compare_with_model, detected_variants, mismatch_error
-from ..convert.naming import OFFICIAL, detect_naming
+from ..convert.load import find_trunk, prepare_state_dict
+from ..convert.naming import detect_naming
 from ..convert.sources import resolve_checkpoint
 from ..guards import INPUT_KEY, RESNEST_INPUT, arm_random_heads, check_input, logger_log, random_parts
 from .compat import reset_parsed_url
 
-_TRUNK_ROOTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "fc.")
-_OVERRIDE = "set checkpointer.strict_backbone = False to load it anyway"
+_OVERRIDE = "set checkpointer.strict_backbone = False to load what fits"
 # detectron2's logger (console and log.txt once setup_logger has run)
 _GUARD_LOG = logger_log(logging.getLogger("detectron2.resnest_backbone"))
 _ADVICE = ("Train first (such a file is the right MODEL.WEIGHTS / train.init_checkpoint to train from), or "
@@ -90,11 +88,12 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             reset_parsed_url(self)  # detectron2 main resets it only on success
 
     def _load_file(self, filename: str) -> dict:
+        """detectron2's formats read safely; the weights prepared for the model by convert (renamed to its
+        keys, the trunk checked before anything is copied): convert.prepare_state_dict."""
         data = read_checkpoint(filename)
         if not isinstance(data, dict):
             raise CheckpointError(f"{filename}: holds a {type(data).__name__}, not a checkpoint dict")
         self._loading = filename
-        self._evidence = file_evidence(filename, find_record(data, filename, safetensors_metadata(filename)))
         if "model" in data and "__author__" in data:  # detectron2 model-zoo format (also our converter's)
             self.logger.info("Reading a file from '{}'".format(data["__author__"]))
             out = dict(data)
@@ -110,77 +109,28 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             out = {"model": dict(_unwrap(data, filename))}
         if getattr(self, "_heuristics", False):  # set by load() from `?matching_heuristics=True`
             out["matching_heuristics"] = True
-        if "Caffe2" != out.get("__author__"):
-            self._place_trunk(out, filename)
+        if self._trunk() is not None:
+            self._convert_ndarray_to_tensor(out["model"])
+            # detectron2's own alignment, run by prepare_state_dict before it compares the trunk
+            align = functools.partial(align_and_update_state_dicts, self.model.state_dict(),
+                                      c2_conversion=out.get("__author__") == "Caffe2")
+            prepared = prepare_state_dict(
+                self.model, Checkpoint(filename, data, out["model"], safetensors_metadata(filename)),
+                whole_model=True, strict=self.strict_backbone, hint=_OVERRIDE,
+                align=align if out.pop("matching_heuristics", False) else None)
+            out["model"] = prepared.weights
+            log = self.logger.info if prepared.report.complete else self.logger.warning
+            log("\n".join(prepared.report.lines()))
         return out
 
     def _trunk(self):
         """(name, module) of the model's one ResNeSt trunk, or None."""
-        from ..core import ResNeSt
-
-        found = [(name, m) for name, m in self.model.named_modules() if isinstance(m, ResNeSt)]
-        return found[0] if len(found) == 1 else None
-
-    def _trunk_name(self) -> Optional[str]:
-        trunk = self._trunk()
-        return None if trunk is None else trunk[0]
-
-    def _place_trunk(self, checkpoint: dict, filename: str) -> None:
-        """Rename a bare ResNeSt trunk (any known naming) to the model's keys, and a trunk in another
-        naming inside a full detector (the detectron2-ResNeSt fork, mmdet) to official names."""
-        weights = checkpoint["model"]
-        if not isinstance(weights, dict) or not all(isinstance(k, str) for k in weights):
-            return
         try:
-            naming, prefix = detect_naming(weights.keys())
-        except ValueError:
-            return
-        trunk = self._trunk_name()
-        state = self.model.state_dict()
-        renamed = {}
-        bare = prefix in ("", "module.") and all(
-            _is_trunk_key(naming.to_official(k[len(prefix):])) for k in weights if k.startswith(prefix))
-        for key, value in weights.items():
-            if not key.startswith(prefix):
-                renamed[key] = value
-                continue
-            name = naming.to_official(key[len(prefix):])
-            if bare and trunk is not None:
-                target = f"{trunk}.{name}" if trunk else name
-                # An ImageNet classifier has no place in a detector; FrozenBN has no step counter.
-                if target not in state and (name.startswith("fc.") or name.endswith("num_batches_tracked")):
-                    continue
-                renamed[target] = value
-            else:
-                renamed[prefix + name] = value
-        if bare and trunk is not None:
-            checkpoint["matching_heuristics"] = False
-            self.logger.info(f"{filename}: ResNeSt trunk ({naming.name} naming) loaded into '{trunk or 'model'}'")
-        elif naming is not OFFICIAL:
-            self.logger.info(f"{filename}: renamed the trunk from {naming.name} to official names")
-        checkpoint["model"] = renamed
+            return find_trunk(self.model)
+        except CheckpointError:
+            return None
 
     def _load_model(self, checkpoint):
-        found = self._trunk()
-        if checkpoint.get("matching_heuristics", False):
-            # detectron2's own alignment, done here so the trunk is checked before anything is copied
-            self._convert_ndarray_to_tensor(checkpoint["model"])
-            checkpoint["model"] = align_and_update_state_dicts(
-                self.model.state_dict(), checkpoint["model"],
-                c2_conversion=checkpoint.get("__author__", None) == "Caffe2")
-            checkpoint["matching_heuristics"] = False
-        if self.strict_backbone and found is not None:
-            trunk, module = found
-            report = self._check_trunk(checkpoint["model"], trunk)  # shapes first: the more telling message
-            if report.initialised:  # a plain trunk into a DCN model: the offset branches start at zero
-                weights = checkpoint["model"]
-                lead = "module." if weights and all(k.startswith("module.") for k in weights) else ""
-                prefix = lead + (trunk + "." if trunk else "")
-                weights.update({prefix + k: v for k, v in
-                                report.initial_values(module.state_dict()).items()})
-                self.logger.info(f"{self._loading}: " + report.lines()[-1])
-            check_arch(self._loading, getattr(self, "_evidence", None), module.weight_arch(),
-                       where=f"the model's ResNeSt trunk '{trunk or 'model'}'", override=_OVERRIDE)
         incompatible = super()._load_model(checkpoint)
         filled = {n for n, _ in self.model.named_parameters()} - set(incompatible.missing_keys)
         self._guard(filled, getattr(self, "_loading", "the checkpoint"), checkpoint.get(INPUT_KEY))
@@ -204,22 +154,6 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 origin = (f"the input its training recorded ({expected['format']}, mean {expected['pixel_mean']}, "
                           f"std {expected['pixel_std']})")
             check_input(_input_rows(_unwrap_model(self.model), self.config, expected), source, _GUARD_LOG, origin)
-
-    def _check_trunk(self, weights: Dict[str, torch.Tensor], trunk: str) -> LoadReport:
-        """Every trunk tensor present with the model's shape, nothing extra in the trunk; else refuse.
-        Returns the report (DCN offset branches a plain file lacks: report.initialised)."""
-        prefix = trunk + "." if trunk else ""
-        found = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
-        expected = {k[len(prefix):]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
-        in_trunk = {k[len(prefix):]: v for k, v in found.items() if k.startswith(prefix)}
-        report = LoadReport(source=self._loading)
-        compare_with_model(expected, in_trunk, report)
-        if not report.complete:
-            held = in_trunk or found
-            report.detected = detected_variants(held) if _is_resnest(held) else _foreign(held)
-            raise mismatch_error(self._loading, f"the model's ResNeSt trunk '{trunk or 'model'}'", report,
-                                 hint=_OVERRIDE)
-        return report
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -297,24 +231,11 @@ def _current_input(model, config) -> Optional[dict]:
     return {"format": fmt, "pixel_mean": mean, "pixel_std": std}
 
 
-def _is_trunk_key(key: str) -> bool:
-    return key.startswith(_TRUNK_ROOTS)
-
-
 def _inner(data: dict) -> dict:
     for wrapper in ("model", "blobs", "state_dict"):
         if isinstance(data.get(wrapper), dict):
             return data[wrapper]
     return data
-
-
-def _foreign(weights: dict) -> str:
-    from ..convert.arch import describe_foreign
-
-    try:
-        return describe_foreign(weights)
-    except Exception:  # odd values (not tensors): say nothing more than that
-        return "not a ResNeSt"
 
 
 def _is_resnest(weights: dict) -> bool:

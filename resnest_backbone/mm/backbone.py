@@ -24,17 +24,11 @@ from mmengine.model import BaseModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..convert.io import CheckpointError, open_checkpoint
-from ..convert.load import LoadReport, compare_with_model, detected_variants, match_trunk, mismatch_error
-from ..convert.naming import MMDET
+from ..convert.io import Checkpoint, CheckpointError, open_checkpoint
+from ..convert.load import LoadReport, prepare_state_dict
 from ..convert.sources import looks_like_name, resolve_checkpoint
 from ..core import STAGE_NAMES, ResNeSt, SyncBatchNorm, get_variant, stem_out_channels
 from ..guards import arm_random_heads
-
-# mmcv names a GroupNorm `gn{postfix}` where BN is `bn{postfix}`: mmdet/mmseg GN checkpoints of ResNeSt
-# carry layerN.j.gn1 / .gn3 / .conv2.gn0 / .conv2.gn1 where our (official) names are bn*.
-_GN_RENAMES = ((".conv2.gn0.", ".conv2.bn0."), (".conv2.gn1.", ".conv2.bn1."), (".gn1.", ".bn1."),
-               (".gn3.", ".bn3."))
 
 
 def mm_norm(norm_cfg: Optional[dict]):
@@ -224,27 +218,21 @@ class ResNeStSA(ResNeSt, BaseModule):
     strict_trunk = True
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
-        """Accept mmdet/mmseg-named weights (stem.*, GN's gn*) by renaming them to ours before loading, and
-        refuse a partial or wrong-shape trunk before anything of it is copied; runs before the submodules
-        load, so whole-model loads (Runner load_from/resume) get both. In a whole-model load (a prefix such
-        as `backbone.`), the model's keys the load left missing decide the random-heads warning
-        (resnest_backbone.guards), given at the first forward in eval mode unless training comes first."""
+        """Every load of the model (torch's load_state_dict, mmengine's load_from / resume) passes here before
+        the submodules load: its trunk tensors are prepared by convert.prepare_state_dict (mmdet/mmseg names
+        such as stem.* or GroupNorm's gn* renamed to ours, a partial or wrong-shape trunk refused before
+        anything of it is copied). In a whole-model load (a prefix such as `backbone.`), the model's keys the
+        load left missing decide the random-heads warning (resnest_backbone.guards), given at the first
+        forward in eval mode unless training comes first."""
         keys = [k for k in state_dict if k.startswith(prefix)]
-        own = self.state_dict() if keys else {}  # a load that brings no trunk tensor needs neither step
-        if any(k.startswith(prefix + "stem.") or ".gn" in k for k in keys):
+        if keys:  # a load that brings no trunk tensor needs no preparation
+            given = Checkpoint(f"the state_dict loaded into '{prefix.rstrip('.') or 'model'}'", None,
+                               {k[len(prefix):]: state_dict[k] for k in keys})
+            prepared = prepare_state_dict(self, given, whole_model=True, strict=self.strict_trunk,
+                                          hint="set ResNeStSA.strict_trunk = False to load it partially")
             for key in keys:
-                new = _to_ours(key[len(prefix):], own)
-                if new is not None and prefix + new not in state_dict:
-                    state_dict[prefix + new] = state_dict.pop(key)
-            keys = [k for k in state_dict if k.startswith(prefix)]
-        if self.strict_trunk and keys:
-            report = LoadReport(source="the state_dict being loaded", target=prefix.rstrip(".") or "model")
-            compare_with_model(own, {k[len(prefix):]: state_dict[k] for k in keys}, report)
-            if not report.complete:
-                report.detected = detected_variants({k[len(prefix):]: state_dict[k] for k in keys})
-                raise mismatch_error(f"the state_dict loaded into '{prefix.rstrip('.') or 'model'}'",
-                                     f"ResNeStSA({self.variant})", report,
-                                     hint="set ResNeStSA.strict_trunk = False to load it partially")
+                del state_dict[key]
+            state_dict.update({prefix + k: v for k, v in prepared.weights.items()})
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
         if prefix:  # the list of missing keys is complete once the whole model has loaded: read it then
             filled = bool(keys)
@@ -268,24 +256,18 @@ class ResNeStSA(ResNeSt, BaseModule):
         self._is_init = True
 
     def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None, strict: bool = True) -> LoadReport:
-        """Read `checkpoint` safely, check its recorded architecture and every tensor against this trunk
-        (resnest_backbone.convert.match_trunk), rename it to our keys and load it; return (and log) what
-        was loaded, dropped (a classifier, other parts of a model) and, with strict=False, missing."""
-        path = _local_checkpoint(checkpoint)
-        own = set(self.state_dict())
-        report, to_load = match_trunk(self, open_checkpoint(path), prefix=prefix or "",
-                                      rename=lambda name: _to_ours(name, own))
-        report.source = str(checkpoint)
-        if report.mismatched or (strict and not report.complete):
-            raise mismatch_error(str(checkpoint), f"ResNeStSA({self.variant})", report,
-                                 hint="" if report.mismatched else "init_cfg strict=False loads what fits")
-        strict_trunk, self.strict_trunk = self.strict_trunk, False  # partial by request (init_cfg strict=False)
+        """Read `checkpoint` safely and load it (convert.prepare_state_dict: any known naming, the recorded
+        architecture and every tensor checked); return (and log) what was loaded, dropped (a classifier,
+        other parts of a model) and, with strict=False, what did not fit."""
+        prepared = prepare_state_dict(self, open_checkpoint(_local_checkpoint(checkpoint)), prefix=prefix or "",
+                                      strict=strict, hint="init_cfg strict=False loads what fits")
+        strict_trunk, self.strict_trunk = self.strict_trunk, False  # checked above; partial when asked
         try:
-            with torch.no_grad():  # DCN offset branches a plain file lacks: zero (report.initialised)
-                self.load_state_dict({**to_load, **report.initial_values(self.state_dict())}, strict=False)
+            self.load_state_dict(prepared.weights, strict=False)
         finally:
             self.strict_trunk = strict_trunk
-        report.loaded = sorted(to_load)
+        report = prepared.report
+        report.source = str(checkpoint)
         level = logging.INFO if report.complete else logging.WARNING
         print_log("ResNeStSA init_cfg Pretrained: " + "\n".join(report.lines()), logger="current", level=level)
         return report
@@ -311,17 +293,6 @@ def _missing_parts(prefix: str, missing_keys, trunk_filled: bool):
 
 def _is_pretrained(cfg) -> bool:
     return isinstance(cfg, dict) and cfg.get("type") in ("Pretrained", "PretrainedInit")
-
-
-def _to_ours(key: str, own) -> Optional[str]:
-    """Our (official) name for an mmdet/mmseg-named key, or None when it needs no renaming."""
-    new = MMDET.to_official(key) if key.startswith("stem.") else key
-    if new not in own and ".gn" in new:
-        for old, repl in _GN_RENAMES:
-            if old in new:
-                new = new.replace(old, repl, 1)
-                break
-    return new if new != key and new in own else None
 
 
 def _local_checkpoint(checkpoint: str) -> str:

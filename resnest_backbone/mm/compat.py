@@ -1,27 +1,25 @@
-"""mmengine 0.10.7 with torch >= 2.6: let the Runner read back its own checkpoints, without unsafe pickle.
+"""Every mmengine workaround of the package, each applied explicitly by what needs it.
 
-Since torch 2.6 `torch.load` defaults to `weights_only=True`. mmengine 0.10.7 (the newest release) calls
-`torch.load(filename, map_location)` for local files, and its training checkpoints hold more than tensors:
-the message hub's `HistoryBuffer`s (numpy arrays, and references to `HistoryBuffer.min/max/...` pickled as
-`getattr(HistoryBuffer, 'min')`). So `load_from=` / `resume=True` fail with "Weights only load failed".
+mmengine's local checkpoint loader (mmengine <= 0.10.7, the newest release; `runner/checkpoint.py`
+`load_from_local`) calls `torch.load(filename, map_location)`:
+- with torch >= 2.6 (`weights_only=True` by default) it cannot read back mmengine's own training checkpoints
+  (`load_from=`, `resume=True`: "Weights only load failed"): they hold the message hub's `HistoryBuffer`s
+  (numpy arrays, and references to `HistoryBuffer.min/max/...` pickled as `getattr(HistoryBuffer, 'min')`);
+- with torch < 2.6 it unpickles whatever a file holds, which runs the code a crafted file carries.
 
-`allow_mmengine_checkpoints()` replaces mmengine's local-file loader by the project's safe reader
-(resnest_backbone.convert.read_checkpoint, weights_only=True), allowing, only for the duration of that
-load, exactly these extra globals:
-  mmengine.logging.HistoryBuffer; numpy's array/scalar reconstruction (`_reconstruct`, `ndarray`, `dtype`,
-  the concrete numeric dtype classes, `scalar`); and a `getattr` that resolves only the statistics methods
-  mmengine registers on HistoryBuffer by default (min, max, mean, current), which are what its checkpoints
-  reference. Nothing else: `register_statistics` (which would let a file change HistoryBuffer's class-level
-  method table), private names and other objects are refused, and other classes with torch's own message. Applied when
-`resnest_backbone.mm` is imported (what `custom_imports` in our configs does), only where needed.
+`allow_mmengine_checkpoints()` registers the project's safe reader (resnest_backbone.convert.read_checkpoint,
+weights-only; refused on torch < 2.6, whose weights-only loading has a known bypass) as mmengine's loader for
+local files, through mmengine's own `CheckpointLoader.register_scheme`. For mmengine's checkpoints it admits,
+only for the duration of that load, exactly these extra globals: mmengine.logging.HistoryBuffer; numpy's
+array/scalar reconstruction (`_reconstruct`, `ndarray`, `dtype`, the concrete numeric dtype classes,
+`scalar`); and a `getattr` that resolves only the statistics methods mmengine registers on HistoryBuffer by
+default (min, max, mean, current). Nothing else: `register_statistics` (which would let a file change
+HistoryBuffer's class-level method table), private names and other objects are refused, and other classes
+with torch's own message. Applied by importing resnest_backbone.mm (what `custom_imports` in a config does),
+as the documented purpose of that import besides the registries.
 """
 import os.path as osp
 import pickle
-
-import torch
-
-_PATCHED = False
-
 
 # The HistoryBuffer attributes mmengine's own checkpoints reference (its default statistics methods).
 HISTORY_BUFFER_METHODS = ("min", "max", "mean", "current")
@@ -65,19 +63,11 @@ def load_from_local(filename, map_location=None):
                            map_location="cpu" if map_location is None else map_location)
 
 
-def allow_mmengine_checkpoints() -> bool:
-    """Install the loader above for local paths in mmengine's CheckpointLoader (once). Returns whether it
-    is installed: not on torch without `safe_globals` (< 2.5), whose default still reads everything."""
-    global _PATCHED
-    if _PATCHED:
-        return True
-    if not hasattr(torch.serialization, "safe_globals"):
-        return False
+def allow_mmengine_checkpoints() -> None:
+    """Register load_from_local as mmengine's loader for local paths (idempotent)."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
     CheckpointLoader.register_scheme(prefixes="", loader=load_from_local, force=True)
-    _PATCHED = True
-    return True
 
 
-__all__ = ["allow_mmengine_checkpoints", "load_from_local", "mmengine_safe_globals"]
+__all__ = ["HISTORY_BUFFER_METHODS", "allow_mmengine_checkpoints", "load_from_local", "mmengine_safe_globals"]

@@ -8,11 +8,9 @@ mean/std (resnest_backbone.guards).
 
     custom_hooks = [dict(type='ResNeStInputCheckHook')]
 
-Importing resnest_backbone.mm registers both (register_hooks) in mmengine's HOOKS and in mmdet's / mmseg's
-HOOKS where installed. This module imports only mmengine (and torch).
+Both are registered in mmengine's HOOKS, where mmdet's and mmseg's HOOKS find them (a registry looks in its
+parent). This module imports only mmengine (and torch).
 """
-import importlib
-import importlib.util
 import logging
 from typing import List, Optional
 
@@ -25,10 +23,13 @@ from ..core.dropblock import DropBlockScheduler, check_ramp
 HOOK_NAME = "ResNeStDropBlockHook"
 INPUT_HOOK_NAME = "ResNeStInputCheckHook"
 
-__all__ = ["HOOK_NAME", "INPUT_HOOK_NAME", "ResNeStDropBlockHook", "ResNeStInputCheckHook", "check_mm_input",
-           "register_hook", "register_hooks"]
+HOOKS_REGISTERED_IN = ["mmengine"]  # the registry of the hooks here and in resume.py
+
+__all__ = ["HOOK_NAME", "HOOKS_REGISTERED_IN", "INPUT_HOOK_NAME", "ResNeStDropBlockHook", "ResNeStInputCheckHook",
+           "check_mm_input"]
 
 
+@HOOKS.register_module(name=HOOK_NAME, force=True)
 class ResNeStDropBlockHook(Hook):
     """Before every training iteration, sets the drop_prob of every DropBlock2D in the runner's model to
 
@@ -38,7 +39,8 @@ class ResNeStDropBlockHook(Hook):
     the iteration it resumes at; iteration- and epoch-based loops alike (runner.iter counts iterations).
 
     drop_prob: the final value; None = each block's configured value (the backbone's `dropblock_prob`).
-    ramp_iters: iterations to reach it; 0 = runner.max_iters (the whole training). start: first value."""
+    ramp_iters: iterations to reach it; 0 = runner.max_iters (the whole training). start: first value.
+    A model without DropBlock2D (backbone dropblock_prob=0) is an error at the start of training."""
 
     priority = "NORMAL"
 
@@ -51,14 +53,16 @@ class ResNeStDropBlockHook(Hook):
         if self.scheduler is None:
             model = runner.model.module if is_model_wrapper(runner.model) else runner.model
             steps = self.ramp_iters or int(runner.max_iters)
-            self.scheduler = DropBlockScheduler(model, self.drop_prob, max(steps, 1), self.start)
-            logger = getattr(runner, "logger", None) or logging.getLogger(__name__)
-            if not self.scheduler.blocks:
-                logger.warning(f"{HOOK_NAME}: the model has no DropBlock2D (backbone dropblock_prob=0?)")
-            else:
-                final = self.drop_prob if self.drop_prob is not None else "their configured value"
-                logger.info(f"DropBlock: {len(self.scheduler.blocks)} blocks ramped from {self.start} to {final} "
-                            f"over {steps} iterations")
+            scheduler = DropBlockScheduler(model, self.drop_prob, max(steps, 1), self.start)
+            if not scheduler.blocks:
+                raise ValueError(f"{HOOK_NAME}: the model ({type(model).__name__}) has no DropBlock2D to ramp: its "
+                                 "backbone was built with dropblock_prob=0. Set model.backbone.dropblock_prob (e.g. "
+                                 f"0.1, the official recipe), or remove {HOOK_NAME} from custom_hooks")
+            self.scheduler = scheduler
+            final = self.drop_prob if self.drop_prob is not None else "their configured value"
+            (getattr(runner, "logger", None) or logging.getLogger(__name__)).info(
+                f"DropBlock: {len(scheduler.blocks)} blocks ramped from {self.start} to {final} over {steps} "
+                "iterations")
         return self.scheduler
 
     def _update(self, runner) -> None:
@@ -113,6 +117,7 @@ def check_mm_input(model, pretrained: bool = False) -> bool:
     return check_input(rows, str(source), lambda m: print_log(m, logger="current", level=logging.WARNING))
 
 
+@HOOKS.register_module(name=INPUT_HOOK_NAME, force=True)
 class ResNeStInputCheckHook(Hook):
     """Before the run, check_mm_input(runner.model) when ResNeSt weights are loaded (a backbone init_cfg
     Pretrained, or load_from / the test checkpoint):
@@ -123,28 +128,3 @@ class ResNeStInputCheckHook(Hook):
 
     def before_run(self, runner) -> None:
         check_mm_input(runner.model, pretrained=bool(getattr(runner, "_load_from", None)))
-
-
-def register_hook(name: str, hook: type) -> List[str]:
-    """Register `hook` as `name` in mmengine's HOOKS and in mmdet's / mmseg's HOOKS where they import;
-    returns where."""
-    registered = []
-    registries = [("mmengine", HOOKS)]
-    for package in ("mmdet", "mmseg"):
-        if importlib.util.find_spec(package) is None:
-            continue
-        try:
-            registries.append((package, importlib.import_module(f"{package}.registry").HOOKS))
-        except (ImportError, AssertionError, AttributeError):  # mmdet/mmseg assert their mmcv version on import
-            continue
-    for package, registry in registries:
-        if registry.module_dict.get(name) is not hook:
-            registry.register_module(name=name, module=hook, force=True)
-        registered.append(package)
-    return registered
-
-
-def register_hooks() -> List[str]:
-    """Register ResNeStDropBlockHook and ResNeStInputCheckHook (see register_hook)."""
-    register_hook(INPUT_HOOK_NAME, ResNeStInputCheckHook)
-    return register_hook(HOOK_NAME, ResNeStDropBlockHook)

@@ -1,6 +1,6 @@
-"""Exact resume for mmengine's IterBasedTrainLoop: a run killed after a checkpoint and resumed with
-`resume=True` ends with the same weights, bit for bit, as a run that was never interrupted (same config,
-`randomness=dict(seed=...)`; CPU, or a GPU with deterministic kernels).
+"""Exact resume for mmengine's IterBasedTrainLoop (any other loop is refused at the start): a run killed after a
+checkpoint and resumed with `resume=True` ends with the same weights, bit for bit, as a run that was never
+interrupted (same config, `randomness=dict(seed=...)`; CPU, or a GPU with deterministic kernels).
 
     custom_imports = dict(imports=['resnest_backbone.mm'], allow_failed_imports=False)  # registers the hook
     custom_hooks = [dict(type='ExactResumeHook')]
@@ -25,15 +25,16 @@ ExactResumeHook makes them a function of position instead of history:
 Nothing is added to the checkpoints (mmengine saves and restores runner.seed itself), so they stay as
 mmengine writes them.
 """
-from typing import List, Optional
+from typing import Optional
 
 from mmengine.dist import get_rank
 from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+from mmengine.runner import IterBasedTrainLoop
 
 from ..seeding import DATA, mix_seed, seed_step, seeded
-from .hooks import register_hook
 
-__all__ = ["HOOK_NAME", "ExactResumeHook", "register_exact_resume_hook"]
+__all__ = ["HOOK_NAME", "ExactResumeHook"]
 
 HOOK_NAME = "ExactResumeHook"
 
@@ -58,13 +59,16 @@ class _SeededFetches:
         return getattr(self._inner, name)
 
 
+@HOOKS.register_module(name=HOOK_NAME, force=True)
 class ExactResumeHook(Hook):
     """Seed the training process's global RNGs from (seed, rank, iteration) before each step and from
     (seed, rank, batch number) for each batch fetch, so that a resumed IterBasedTrainLoop run draws the same
     random numbers as an uninterrupted one.
 
     seed: None = the runner's seed (`randomness=dict(seed=...)`, or the one mmengine drew and saved in the
-    checkpoint's meta). Lowest priority: the seeding is the last thing before the step."""
+    checkpoint's meta). Lowest priority: the seeding is the last thing before the step. Another training loop
+    than IterBasedTrainLoop (e.g. EpochBasedTrainLoop) is refused at the start of training: its resume is not
+    shown to be exact."""
 
     priority = "LOWEST"
 
@@ -80,22 +84,12 @@ class ExactResumeHook(Hook):
     def before_train(self, runner) -> None:
         # Runs before the loop replays the batches of a resumed run: those fetches are counted too.
         loop = runner.train_loop
-        iterator = getattr(loop, "dataloader_iterator", None)
-        if iterator is None:
-            runner.logger.warning(
-                f"ExactResumeHook: {type(loop).__name__} has no `dataloader_iterator` (IterBasedTrainLoop has): "
-                "only the training steps are seeded, not the batch fetches (with num_workers=0 the data "
-                "pipeline's randomness after a resume may differ from an uninterrupted run)")
-        elif not isinstance(iterator, _SeededFetches):
-            loop.dataloader_iterator = _SeededFetches(iterator, self._seed(runner), get_rank())
+        if not isinstance(loop, IterBasedTrainLoop):
+            raise ValueError(f"ExactResumeHook: exact resume is made and tested for IterBasedTrainLoop only, not "
+                             f"{type(loop).__name__}; train with train_cfg=dict(type='IterBasedTrainLoop', "
+                             "max_iters=...), or remove ExactResumeHook from custom_hooks to resume as mmengine does")
+        if not isinstance(loop.dataloader_iterator, _SeededFetches):
+            loop.dataloader_iterator = _SeededFetches(loop.dataloader_iterator, self._seed(runner), get_rank())
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         seed_step(self._seed(runner), get_rank(), runner.iter)
-
-
-def register_exact_resume_hook() -> List[str]:
-    """Register ExactResumeHook in mmengine's HOOKS and in mmdet's / mmseg's where they import."""
-    return register_hook(HOOK_NAME, ExactResumeHook)
-
-
-REGISTERED_IN = register_exact_resume_hook()

@@ -324,9 +324,10 @@ def atomic_write(path: str, write, force: bool = False) -> None:
         raise CheckpointError(f"{path} exists; pass --force to overwrite it")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
         os.chmod(tmp, _new_file_mode(path))
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -336,8 +337,10 @@ def atomic_write(path: str, write, force: bool = False) -> None:
         else:
             _rename_no_replace(tmp, path)
         _fsync_folder(folder)
+    except OSError as exc:  # writing `path` failed: name it, not the temporary file
+        raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 

@@ -122,6 +122,7 @@ def test_trainer_amp_bf16_on_cpu(tmp_path):
             assert torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all()
 
 
+@pytest.mark.slow
 def test_detector_bf16_against_fp32():
     """A Faster R-CNN ResNeSt-50 FPN (the project's config, random weights with the well-conditioned random
     norms of test_fuse, FrozenBN / BN folded by deploy) on one 320x480 image: deploy(dtype=bf16) against the

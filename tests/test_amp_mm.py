@@ -61,6 +61,7 @@ class RecordOps(Hook):
         self.losses.append(float(outputs["loss"].detach()))
 
 
+@pytest.mark.slow
 def test_faster_rcnn_amp_bf16_runner(tmp_path):
     """3 iterations of the mmdet demo Faster R-CNN with optim_wrapper AnyDeviceAmpOptimWrapper(dtype='bfloat16')
     on the CPU: finite losses; every convolution (one per Conv2d call) and its backward ran in bf16 but the RPN's

@@ -26,6 +26,7 @@ def _tool():
     return bench
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     require("resnest", "a test extra: pip install -e .[test]")
     require("timm", "a test extra: pip install -e .[test]")
@@ -306,6 +307,7 @@ def test_op_breakdown_classes_every_operator_of_a_training_step(monkeypatch):
 
 @pytest.mark.skipif(not (os.uname().sysname == "Linux" and __import__("platform").libc_ver()[0] == "glibc"),
                     reason="glibc's mallopt")
+@pytest.mark.slow
 def test_steady_allocator_stops_page_faults_of_repeated_large_tensors(tmp_path):
     """In a child process (the setting cannot be undone): a 256 MiB tensor allocated, freed and allocated
     again page-faults afresh with glibc's defaults (every page of it, every time), and, once

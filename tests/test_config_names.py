@@ -48,6 +48,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_train_net_takes_a_config_name_from_another_directory(tmp_path):
     tool = os.path.join(REPO, "tools", "train_net.py")
     tiny = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128", "SOLVER.IMS_PER_BATCH", "2",
@@ -62,6 +63,7 @@ def test_train_net_takes_a_config_name_from_another_directory(tmp_path):
     assert bad.returncode == 2 and "faster_rcnn_resnest50_fpn.yaml" in bad.stderr, bad.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_pip_install_ships_the_configs(tmp_path):
     """Build the wheel, install it into a folder of its own, and resolve names from there."""
     wheels = tmp_path / "wheels"

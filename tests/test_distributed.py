@@ -15,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo_faster_rcnn_resnest.yaml")
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run_with_syncbn(tmp_path):
     out = tmp_path / "dist"
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")

@@ -123,6 +123,7 @@ def _tree(folder):
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.d2
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_command_line_tool_refuses_crafted_files(crafted, tmp_path, kind):

@@ -202,6 +202,7 @@ def _train_net(*args):
     return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.d2
 def test_train_net_warns_for_an_imagenet_trunk_evaluated_and_not_when_trained(trunk_pkl, tmp_path):
     # Training from the trunk (RGB): no warning, also not at the evaluation after training.

@@ -128,6 +128,7 @@ def test_refusals():
     assert [name for name, _ in resnest_trunks(trunk)] == [""]
 
 
+@pytest.mark.slow
 @pytest.mark.d2
 def test_detectron2_faster_rcnn_int8_backbone():
     """A detectron2 Faster R-CNN ResNeSt-50 FPN (the project's config, well-conditioned random norms):
@@ -202,6 +203,7 @@ def test_mmdet_faster_rcnn_int8_backbone():
     assert torch.isfinite(pred.bboxes).all() and pred.bboxes.min() >= 0 and pred.bboxes.max() <= 128
 
 
+@pytest.mark.slow
 @pytest.mark.d2
 def test_train_net_eval_only_deploy(tmp_path):
     """tools/train_net.py --eval-only --deploy {fp32,int8}: the evaluation runs on the inference form (int8

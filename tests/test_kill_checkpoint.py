@@ -86,6 +86,7 @@ def _check_run_folder(save_dir):
     return iteration
 
 
+@pytest.mark.slow
 def test_killed_writer_always_leaves_a_loadable_last_checkpoint(tmp_path):
     rng = random.Random(6)
     save_dir = str(tmp_path / "run")
@@ -155,6 +156,7 @@ def _train_cmd(out_dir, max_iter, *extra):
             "DATASETS.TEST", "()"]
 
 
+@pytest.mark.slow
 def test_train_net_killed_during_checkpoint_write_resumes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", DETECTRON2_DATASETS=str(tmp_path / "datasets"),
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -266,6 +266,7 @@ def ap_lines(log):
     return {line[len("Task: "):]: lines[i + 2] for i, line in enumerate(lines) if line.startswith("Task: ")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_train_net_trains_and_evaluates_on_the_demo_data(recipe, tmp_path):
     name = f"{recipe}_resnest50_fpn"
@@ -296,6 +297,7 @@ def test_train_net_trains_and_evaluates_on_the_demo_data(recipe, tmp_path):
         assert "Starting training" not in again  # evaluated only
 
 
+@pytest.mark.slow
 def test_train_net_amp_bf16_on_cpu(tmp_path):
     """train.amp.enabled=True on the CPU: tools/train_net.py trains a LazyConfig Faster R-CNN in bf16 mixed
     precision (build_trainer: AutocastTrainer) with a finite loss, then evaluates."""
@@ -314,6 +316,7 @@ def test_train_net_amp_bf16_on_cpu(tmp_path):
 UPSTREAM_TOOL = os.path.join(sys.prefix, "detectron2-tools", "lazyconfig_train_net.py")
 
 
+@pytest.mark.slow
 def test_upstream_lazyconfig_train_net_runs_the_configs_unmodified(tmp_path):
     """detectron2's own tools/lazyconfig_train_net.py, run directly: the config imports the plugin itself."""
     require(UPSTREAM_TOOL, "upstream detectron2's tool, kept beside the environment: tools/env/setup_env.sh puts it there")

@@ -37,7 +37,7 @@ def _pretrained(path, **extra):
     return dict(type="Pretrained", checkpoint=str(path), **extra)
 
 
-@pytest.mark.parametrize("variant", ["resnest50", "resnest101"])
+@pytest.mark.parametrize("variant", ["resnest50", pytest.param("resnest101", marks=pytest.mark.slow)])
 def test_converted_weights_match_mmdet_resnest_and_official(tmp_path, variant, capsys):
     official, src = _official_file(tmp_path, variant)
     dst = tmp_path / f"{variant}_mmdet.pth"

@@ -86,12 +86,14 @@ def _train_then_reload(cfg, work_dir, iters=2):
     return metrics
 
 
+@pytest.mark.slow
 def test_faster_rcnn_runner_trains_saves_and_reloads(tiny_data, tmp_path):
     cfg = _demo_cfg("mmdet/faster-rcnn_resnest14d_fpn_demo.py", tiny_data)
     metrics = _train_then_reload(cfg, tmp_path / "det")
     assert "coco/bbox_mAP" in metrics and metrics["coco/bbox_mAP"] >= 0
 
 
+@pytest.mark.slow
 def test_deeplabv3_runner_trains_saves_and_reloads(tiny_data, tmp_path):
     cfg = _demo_cfg("mmseg/deeplabv3_resnest14d-d8_demo.py", tiny_data)
     metrics = _train_then_reload(cfg, tmp_path / "seg")
@@ -123,6 +125,7 @@ def _train_one_step_and_evaluate(cfg, work_dir, loss_keys):
 
 @pytest.mark.parametrize("name,cascade", [("mask-rcnn_resnest14d_fpn_demo.py", False),
                                           ("cascade-mask-rcnn_resnest14d_fpn_demo.py", True)])
+@pytest.mark.slow
 def test_mask_models_train_one_step_and_evaluate_box_and_mask_ap(tiny_data, tmp_path, name, cascade):
     cfg = _demo_cfg(f"mmdet/{name}", tiny_data)
     stages = ("s0.", "s1.", "s2.") if cascade else ("",)  # a cascade logs each stage's losses

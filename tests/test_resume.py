@@ -53,6 +53,7 @@ def _tagged_iteration(out):
     return int(number) if number.isdigit() else -1
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume(tmp_path):
     out = tmp_path / "run"
     log = open(tmp_path / "first.log", "w")
@@ -203,6 +204,7 @@ def _max_abs_diff(a, b):
     return max(((a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0) for k in a)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     uninterrupted, rows_a = _recorded_run(tmp_path, tmp_path / "a", "a")
     assert uninterrupted.returncode == 0, uninterrupted.stdout[-3000:]
@@ -239,6 +241,7 @@ def test_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in history] == [r["loss"] for r in rows_a]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mains_samplers", [False, True], ids=["installed", "main"])
 def test_resume_without_a_fixed_seed_redoes_the_lost_iterations_exactly(tmp_path, mains_samplers):
     """SEED -1 (detectron2's default: a random seed per run): the seed drawn by the killed run and its

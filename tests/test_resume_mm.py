@@ -119,6 +119,7 @@ def _tensors(path):
     return tensors_of({k: checkpoint[k] for k in ("state_dict", "optimizer", "param_schedulers")}), checkpoint
 
 
+@pytest.mark.slow
 def test_mmengine_sigkill_and_resume_is_bit_identical_to_an_uninterrupted_run(tiny_det, tmp_path):
     uninterrupted, rows_a = _run(tmp_path, tiny_det, tmp_path / "a", "a")
     assert uninterrupted.returncode == 0, uninterrupted.stdout[-3000:]

@@ -208,6 +208,7 @@ def _check(out_dir, world, cases):
     assert not bad, f"SyncBatchNorm differs from BatchNorm2d on the global batch by more than {TOL}: {bad}"
 
 
+@pytest.mark.slow
 def test_three_processes_and_process_group(tmp_path):
     mp.spawn(_bn_worker, args=(3, f"file://{tmp_path / 'store'}", CASES_3, str(tmp_path)), nprocs=3, join=True)
     _check(tmp_path, 3, CASES_3)
@@ -301,6 +302,7 @@ def _train_trunk(out_dir):
     torch.save(_state(model.module), os.path.join(out_dir, f"model_rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_resnest_trunk_with_syncbn_under_cpu_launch_equals_bn_on_global_batch(two_process_run):
     ref = _trunk("BN")
     optimizer = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)

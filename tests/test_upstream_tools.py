@@ -90,6 +90,7 @@ def detections(output_dir):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_train_net_trains_and_evaluates(trained):
     out, log = trained
     assert "Starting training from iteration 0" in log and iterations(out) == [1]  # written at the last one
@@ -101,6 +102,7 @@ def test_train_net_trains_and_evaluates(trained):
     assert NO_EXTENSION in log and "Evaluation results for bbox" in log and "copypaste: AP,AP50" in log
 
 
+@pytest.mark.slow
 def test_train_net_resume(trained, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
@@ -121,6 +123,7 @@ def test_train_net_eval_only(trained, tmp_path):
     assert len(found) > 0 and found == detections(trained[0])
 
 
+@pytest.mark.slow
 def test_plain_train_net(tmp_path):
     out = str(tmp_path / "plain")
     log = run(tool("plain_train_net.py"), "--config-file", "demo_faster_rcnn_resnest.yaml", *TINY,

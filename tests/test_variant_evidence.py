@@ -61,6 +61,7 @@ def test_official_files_are_detected_without_variant(tmp_path, variant):
     assert {k: record["arch"][k] for k in ARCH} == _arch(variant)
 
 
+@pytest.mark.slow
 def test_timm_models_are_detected_without_variant(tmp_path):
     assert sorted(timm.list_models("resnest*")) == sorted(TIMM)  # every timm ResNeSt is covered
     from safetensors.torch import save_file

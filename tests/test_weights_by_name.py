@@ -185,6 +185,7 @@ def test_builtin_entries_are_checked_by_their_published_prefix(server, weights, 
     assert sorted(os.listdir(tmp_path / "cache" / "resnest14d")) == [builtin.file + ".lock", file + ".lock"]
 
 
+@pytest.mark.slow
 def test_cli_downloads_verifies_converts_then_uses_the_cache(server, table, weights, tmp_path):
     state, data, digest = weights
     server.files["/releases/r14.pth"] = data

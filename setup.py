@@ -39,7 +39,7 @@ setup(
         "detectron2": ["fvcore", "pycocotools", "opencv-python-headless", "matplotlib", "tqdm"],
         "mm": ["mmengine>=0.10,<1", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy", "regex"],
         "export": ["onnx", "onnxruntime"],
-        "test": ["pytest", "pytest-timeout", "hypothesis", "resnest==0.0.5", "timm", "safetensors", "onnx", "onnxruntime",
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "resnest==0.0.5", "timm", "safetensors", "onnx", "onnxruntime",
                  "fvcore", "pycocotools", "opencv-python-headless", "matplotlib", "tqdm"],
     },
     entry_points={"console_scripts": ["resnest-convert=resnest_backbone.convert.cli:main"]},

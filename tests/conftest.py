@@ -10,7 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # detectron2 0.6 + torch 2.x deprecations
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test-all` runs -n 2) the workers share the cores: each gets its share.
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 # ------------------------------------------------------------------------------------- parts of the install
 REQUIRE_ALL = "RESNEST_TEST_REQUIRE_ALL"
@@ -22,7 +23,7 @@ def require(part: str, why: str):
 
     The one way a test depends on a part of the environment (mmdet, mmseg, the upstream detectron2 tools, an
     sdist, ...). When the part is missing (not importable, ImportError included, or no such path): with
-    RESNEST_TEST_REQUIRE_ALL=1 (the full run: `make test`, CI) the test fails naming it and `why`, so a
+    RESNEST_TEST_REQUIRE_ALL=1 (the full run: `make test-all`, CI) the test fails naming it and `why`, so a
     broken install cannot pass as skips; otherwise (a contributor's partial environment) the test is skipped,
     and the run's summary lists every part it skipped for. At module level it skips or fails the whole file."""
     if "/" in part or os.sep in part:

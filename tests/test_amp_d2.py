@@ -125,7 +125,7 @@ def test_trainer_amp_bf16_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_detector_bf16_against_fp32():
     """A Faster R-CNN ResNeSt-50 FPN (the project's config, random weights with the well-conditioned random
-    norms of test_fuse, FrozenBN / BN folded by deploy) on one 320x480 image: deploy(dtype=bf16) against the
+    norms of test_fuse, FrozenBN / BN folded by deploy) on one 192x288 image: deploy(dtype=bf16) against the
     float32 model. FPN features per level within BF16_REL (relative); on the same proposals, the box
     predictor's class probabilities within 2e-3 absolute and its box deltas within BF16_REL (relative); the
     end-to-end outputs have float32 boxes and scores (the predictor and box decoding run in fp32)."""
@@ -140,8 +140,8 @@ def test_detector_bf16_against_fp32():
     bf16 = deploy(model, channels_last=True, dtype=torch.bfloat16)
     assert "roi_heads.box_predictor" in [n for n, m in bf16.named_modules() if m._forward_pre_hooks]
     g = torch.Generator().manual_seed(1)
-    image = (torch.rand(3, 320, 480, generator=g) * 255).round()
-    inputs = [{"image": image, "height": 320, "width": 480}]
+    image = (torch.rand(3, 192, 288, generator=g) * 255).round()
+    inputs = [{"image": image, "height": 192, "width": 288}]
     with torch.no_grad():
         images = model.preprocess_image(inputs)
         ref_features = model.backbone(images.tensor)

@@ -194,3 +194,23 @@ def test_demo_data_is_deterministic(tmp_path):
     labels = cv2.imread(os.path.join(a, "ADEChallengeData2016/annotations/training/ADE_demo_train_00000000.png"),
                         cv2.IMREAD_UNCHANGED)
     assert labels.min() >= 1 and set(np.unique(labels)) <= {1, 2, 3, 4}  # ADE: 1 = background, shapes 2..4
+
+
+def test_demo_data_finished_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two processes generating the same set (e.g. pytest-xdist workers): the one that finishes second keeps
+    the first one's folder, which readers may already use, instead of replacing it."""
+    from resnest_backbone.data import demo
+
+    spec = dict(demo.DEFAULT_SPEC, det={"train": 1, "val": 1}, seg={"train": 1, "val": 1})
+    write_det, seen = demo._write_det, {}
+
+    def other_process_finishes_meanwhile(folder, spec_):
+        monkeypatch.setattr(demo, "_write_det", write_det)
+        seen["folder"] = demo.ensure_demo_data(str(tmp_path), spec)  # the other process, start to end
+        seen["inode"] = os.stat(seen["folder"]).st_ino
+        write_det(folder, spec_)
+
+    monkeypatch.setattr(demo, "_write_det", other_process_finishes_meanwhile)
+    assert demo.ensure_demo_data(str(tmp_path), spec) == seen["folder"]
+    assert os.stat(seen["folder"]).st_ino == seen["inode"]  # the same folder, not a replacement
+    assert not [p for p in os.listdir(os.path.dirname(seen["folder"])) if p.startswith(".resnest_demo.")]

@@ -266,16 +266,22 @@ def _write_pan(folder: str, spec: dict) -> None:
                        "images": images, "annotations": panoptic, "categories": panoptic_categories()}, f)
 
 
+def _same_spec(stamp: str, spec: dict) -> bool:
+    try:
+        with open(stamp) as f:
+            return json.load(f) == json.loads(json.dumps(spec))
+    except FileNotFoundError:
+        return False
+
+
 def ensure_demo_data(root: Optional[str] = None, spec: Optional[dict] = None) -> str:
     """Generate the demo sets under demo_root(root) unless a set with the same parameters is there.
     Written to a temporary folder and renamed into place, so a killed run never leaves half a set."""
     spec = spec or DEFAULT_SPEC
     folder = demo_root(root)
     stamp = os.path.join(folder, "spec.json")
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            if json.load(f) == json.loads(json.dumps(spec)):
-                return folder
+    if _same_spec(stamp, spec):
+        return folder
     os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".resnest_demo.", dir=os.path.dirname(os.path.abspath(folder)))
     try:
@@ -285,12 +291,14 @@ def ensure_demo_data(root: Optional[str] = None, spec: Optional[dict] = None) ->
             _write_pan(os.path.join(tmp, "panoptic"), spec)
         with open(os.path.join(tmp, "spec.json"), "w") as f:
             json.dump(spec, f)
+        if _same_spec(stamp, spec):  # another process finished the same set meanwhile: keep it, readers may use it
+            return folder
         if os.path.exists(folder):
             shutil.rmtree(folder)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished first with the same spec
-            if not os.path.exists(stamp):
+            if not _same_spec(stamp, spec):
                 raise
     finally:
         if os.path.exists(tmp):

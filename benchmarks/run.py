@@ -151,9 +151,10 @@ def _input_for(w: Workload, device: torch.device) -> Callable[[Treatment], torch
 def run_backbones(variant: str, eval_loads: Sequence[Workload], train_loads: Sequence[Workload], *,
                   compile_: bool = False, warmup: int = 1, repeats: int = 7, repeats_large: int = 3,
                   repeats_train: Optional[int] = None,
-                  memory: bool = True, device="cpu",
+                  memory: bool = True, device="cpu", dtypes: Optional[Sequence[str]] = None,
                   implementations: Optional[List[Implementation]] = None) -> dict:
-    """Every implementation under every treatment of the menu (and its own), on every workload."""
+    """Every implementation under every treatment of the menu (and its own), on every workload; only the
+    treatments of `dtypes` (e.g. ("fp32", "int8")) when given."""
     device = torch.device(device)
     impls = implementations if implementations is not None else backbone_implementations(variant, compile_)
     res: dict = {"implementations": [{"role": i.role, "name": i.name, "arch": i.arch, "own": [t.name for t in i.own]}
@@ -173,7 +174,8 @@ def run_backbones(variant: str, eval_loads: Sequence[Workload], train_loads: Seq
     for mode, loads in (("eval", eval_loads), ("train", train_loads)):
         for w in loads:
             logger.info("%s %s", mode, w.label)
-            pairs = [(i, t) for i in impls for t in menu(mode, compile_) + (list(i.own) if mode == "eval" else [])]
+            pairs = [(i, t) for i in impls for t in menu(mode, compile_) + (list(i.own) if mode == "eval" else [])
+                     if dtypes is None or t.dtype in dtypes]
             res[mode][w.label] = run_pairs(pairs, mode, _input_for(w, device), warmup,
                                            repeats_train if mode == "train" and repeats_train
                                            else repeats_large if w.large else repeats, memory, device)
@@ -229,7 +231,7 @@ def run_benchmark(*, variant: str, eval_loads: Sequence[Workload], train_loads: 
                   detector_load: Optional[Workload], grad_checkpoint_variants: Sequence[str] = (),
                   grad_checkpoint_load: Optional[Workload] = None, backbone: bool = True, compile_: bool = False,
                   warmup: int = 1, repeats: int = 7, repeats_large: int = 3, repeats_train: Optional[int] = None,
-                  memory: bool = True,
+                  memory: bool = True, dtypes: Optional[Sequence[str]] = None,
                   peak_sizes: Sequence[int] = (1024, 2048, 4096), peak_convs: Optional[dict] = None, device="cpu",
                   args: Optional[dict] = None, argv: Optional[Sequence[str]] = None,
                   steady_allocator_: bool = True) -> dict:
@@ -245,7 +247,7 @@ def run_benchmark(*, variant: str, eval_loads: Sequence[Workload], train_loads: 
     if backbone:
         res["peak"] = matmul_peak(peak_sizes, device=device, conv_shapes=peak_convs)  # None: CONV_SHAPES
         res["backbone"] = run_backbones(variant, eval_loads, train_loads, compile_=compile_, memory=memory,
-                                        repeats_train=repeats_train, **rounds)
+                                        repeats_train=repeats_train, dtypes=dtypes, **rounds)
         if detector_load is not None:
             try:
                 import detectron2  # noqa: F401

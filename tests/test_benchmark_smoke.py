@@ -152,6 +152,24 @@ def test_failing_treatment_is_recorded_not_fatal():
     assert got["eager"]["rel_err"] == 0.0 and got["channels_last"]["rel_err"] < 1e-5
 
 
+def test_dtypes_keep_only_the_treatments_of_those_dtypes(capsys):
+    """--dtypes fp32,int8 (a CPU without native bf16): no bf16 treatment is timed, generic or own."""
+    own = (treatments.Treatment("own bf16", treatments.bf16_autocast, dtype="bf16"),
+           treatments.Treatment("own fp32", treatments.eager))
+    impl = candidates.Implementation("ours", "a conv", _conv, own=own)
+    loads = candidates.parse_workloads("1x16x16")
+    label = loads[0].label
+    res = run.run_backbones("resnest14d", loads, loads, dtypes=("fp32", "int8"), implementations=[impl],
+                            warmup=0, repeats=1, memory=False)
+    fp32_int8 = lambda ts: {t.name for t in ts if t.dtype in ("fp32", "int8")}  # noqa: E731
+    assert set(res["eval"][label]["ours"]) == fp32_int8(treatments.menu("eval", False) + list(own))
+    assert set(res["train"][label]["ours"]) == fp32_int8(treatments.menu("train", False))
+    assert any(t.dtype == "bf16" for t in treatments.menu("eval", False))  # there was something to leave out
+    with pytest.raises(SystemExit):
+        _tool().main(["--dtypes", "fp32,fp8", "--out", "never.md"])
+    assert "--dtypes 'fp32,fp8': use some of fp32, bf16, fp16, int8" in capsys.readouterr().err
+
+
 def test_training_pairs_and_layouts():
     impl = candidates.Implementation("plain", "a conv", _conv)
     x = torch.randn(2, 3, 16, 16)

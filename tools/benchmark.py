@@ -88,6 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--peak-sizes", default=None, metavar="N,...",
                         help="square matmul sizes for the machine peak (default 1024,2048,4096; smoke 128,256)")
     parser.add_argument("--compile", action="store_true", help="also the torch.compile treatments (slow)")
+    parser.add_argument("--dtypes", default=None, metavar="DTYPE,...",
+                        help="only the backbone treatments of these dtypes (fp32, bf16, fp16, int8; default all), e.g. "
+                             "fp32,int8 on a CPU without native bf16, where each bf16 call at 800x1216 takes a minute")
     parser.add_argument("--no-train", action="store_true", help='same as --train ""')
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-detector", action="store_true")
@@ -140,6 +143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    else SMOKE_GRAD_CHECKPOINT_LOAD if smoke else GRAD_CHECKPOINT_LOAD)
         peak_sizes = ([int(n) for n in args.peak_sizes.split(",") if n.strip()] if args.peak_sizes
                       else [128, 256] if smoke else [1024, 2048, 4096])
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] if args.dtypes is not None else None
+        unknown = sorted(set(dtypes or ()) - {"fp32", "bf16", "fp16", "int8"})
+        if unknown or dtypes == []:
+            raise ValueError(f"--dtypes {args.dtypes!r}: use some of fp32, bf16, fp16, int8")
     except (ValueError, IndexError) as exc:
         parser.error(str(exc) or "bad workload")
     if not eval_loads and not args.grad_checkpoint_only:
@@ -159,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         grad_checkpoint_variants=gc_variants, grad_checkpoint_load=gc_load, backbone=not args.grad_checkpoint_only,
         compile_=args.compile, warmup=args.warmup, repeats=args.repeats, repeats_large=args.repeats_large,
         repeats_train=args.repeats_train,
-        memory=not args.no_memory, peak_sizes=peak_sizes, peak_convs=SMOKE_CONV_SHAPES if smoke else None,
+        memory=not args.no_memory, dtypes=dtypes, peak_sizes=peak_sizes, peak_convs=SMOKE_CONV_SHAPES if smoke else None,
         device=args.device, args=dict(vars(args)), steady_allocator_=not args.default_allocator,
         argv=list(argv) if argv is not None else sys.argv[1:])
     text = json.dumps(res, indent=1)

@@ -5,7 +5,7 @@ failure, a part not run) is "not measured", never met. Every section with number
 they were measured on and its CPU flags (`machine_line`): bf16 and int8 speed depend on them.
 """
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 __all__ = ["GOAL_TARGETS", "best", "goals", "machine_line", "render_markdown", "render_png"]
 
@@ -300,21 +300,23 @@ def _eval_table(res: dict, w: str, fails: _Failures) -> List[str]:
              "| implementation | " + " | ".join(cols) + " | best fp32 | best any |",
              "|---|" + "---:|" * (len(cols) + 2)]
     for role, entries in bb["eval"][w].items():
-        cells = []
-        for c in cols:
-            e = entries.get(c)
-            if e is None:
-                cells.append("")
-            elif "error" in e:
-                cells.append(fails.cell(names[role], c, w, e["error"]))
-            else:
-                frac = _ratio(_gflops(gm.get(arch[role]), e["ms"]), _peak(res, _dtype(res, c)))
-                cells.append(f"{e['ms']:.1f} ({_pct(frac)})")
+        def timed(c, e, role=role):  # ms (its fraction of the machine's peak for its dtype)
+            return f"{e['ms']:.1f} ({_pct(_ratio(_gflops(gm.get(arch[role]), e['ms']), _peak(res, _dtype(res, c))))})"
+
+        cells = table_cells(entries, cols, lambda c, err: fails.cell(names[role], c, w, err), timed)
         for dtypes in (("fp32",), ("fp32", "bf16", "int8")):
             t, ms = best(res, entries, dtypes)
             cells.append("-" if t is None else f"{ms:.1f} {t}")
         lines.append(f"| {names[role]} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def table_cells(entries: dict, cols: List[str], failed: Callable[[str, str], str],
+                timed: Callable[[str, dict], str]) -> List[str]:
+    """One table cell per treatment column: empty where not measured, failed(column, error) where it failed,
+    timed(column, entry) otherwise."""
+    return ["" if entries.get(c) is None else failed(c, entries[c]["error"]) if "error" in entries[c]
+            else timed(c, entries[c]) for c in cols]
 
 
 def _ratio_section(res: dict) -> List[str]:
@@ -352,15 +354,8 @@ def _train_section(res: dict, fails: _Failures) -> List[str]:
     lines += ["| workload | implementation | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for w, per in bb["train"].items():
         for role, entries in per.items():
-            cells = []
-            for c in cols:
-                e = entries.get(c)
-                if e is None:
-                    cells.append("")
-                elif "error" in e:
-                    cells.append(fails.cell(names[role], c, w, e["error"]))
-                else:
-                    cells.append(f"{e['ms']:.1f} ({_fmt(e.get('peak_mib'), 0)})")
+            cells = table_cells(entries, cols, lambda c, err: fails.cell(names[role], c, w, err),
+                           lambda c, e: f"{e['ms']:.1f} ({_fmt(e.get('peak_mib'), 0)})")
             lines.append(f"| {w} | {names[role]} | " + " | ".join(cells) + " |")
     lines += ["", "| workload | other | " + " | ".join(f"time other / ours, {c}" for c in cols) + " | "
               + " | ".join(f"peak ours / other, {c}" for c in cols) + " |", "|---|---|" + "---:|" * (2 * len(cols))]

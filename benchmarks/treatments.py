@@ -68,25 +68,22 @@ def torch_compile(model: nn.Module, x: torch.Tensor) -> Step:
     return torch.compile(to_channels_last(model), options={"freezing": True})
 
 
-def bf16_autocast(model: nn.Module, x: torch.Tensor) -> Step:
-    model = to_channels_last(model)
+def _autocast(dtype: torch.dtype) -> Callable[[nn.Module, torch.Tensor], Step]:
+    """channels_last + torch.autocast(the input's device, dtype)."""
+    def apply(model: nn.Module, x: torch.Tensor) -> Step:
+        model = to_channels_last(model)
 
-    def step(inp: torch.Tensor):
-        with torch.autocast(inp.device.type, dtype=torch.bfloat16):
-            return model(inp)
+        def step(inp: torch.Tensor):
+            with torch.autocast(inp.device.type, dtype=dtype):
+                return model(inp)
 
-    return step
+        return step
+
+    return apply
 
 
-def fp16_autocast(model: nn.Module, x: torch.Tensor) -> Step:
-    """channels_last + torch.autocast(device, torch.float16): the GPU's half precision (tools/gpu_check.py)."""
-    model = to_channels_last(model)
-
-    def step(inp: torch.Tensor):
-        with torch.autocast(inp.device.type, dtype=torch.float16):
-            return model(inp)
-
-    return step
+bf16_autocast = _autocast(torch.bfloat16)
+fp16_autocast = _autocast(torch.float16)  # the GPU's half precision (tools/gpu_check.py)
 
 
 def int8_fx(model: nn.Module, x: torch.Tensor) -> Step:

@@ -304,6 +304,12 @@ def _best(per: dict, treatments: dict, dtype: str):
 
 
 def _speed_section(speed: dict) -> List[str]:
+    from benchmarks.render import table_cells
+
+    def timed(column, e):
+        err = "-" if e.get("rel_err") is None else f"{e['rel_err']:.0e}"
+        return f"{e['ms']:.2f} ({err})"
+
     names = {i["role"]: i["name"] for i in speed["implementations"]}
     cols, treatments = list(speed["treatments"]), speed["treatments"]
     lines = [f"## Speed: {speed['variant']} trunk, eval {speed['workload']} (ms, median of {speed['repeats']} "
@@ -311,16 +317,7 @@ def _speed_section(speed: dict) -> List[str]:
              "| implementation | " + " | ".join(f"{c} ({treatments[c]['dtype']})" for c in cols) + " |",
              "|---|" + "---:|" * len(cols)]
     for role, per in speed["eval"].items():
-        cells = []
-        for c in cols:
-            e = per.get(c)
-            if e is None:
-                cells.append("")
-            elif "error" in e:
-                cells.append(f"fails: {e['error'][:100].replace('|', '/')}")
-            else:
-                err = "-" if e.get("rel_err") is None else f"{e['rel_err']:.0e}"
-                cells.append(f"{e['ms']:.2f} ({err})")
+        cells = table_cells(per, cols, lambda c, err: f"fails: {err[:100].replace('|', '/')}", timed)
         lines.append(f"| {names[role]} | " + " | ".join(cells) + " |")
     resnet = names.get("resnet", "ResNet")
     lines += ["", "Cell: ms (the largest output difference to the same implementation's eager fp32 output, relative "

@@ -356,16 +356,20 @@ def steady_allocator() -> Optional[str]:
 
 
 def matmul_peak(sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 3, device="cpu",
-                conv_shapes: Optional[Dict[str, Tuple[int, int, int, int]]] = None) -> dict:
+                conv_shapes: Optional[Dict[str, Tuple[int, int, int, int]]] = None,
+                dtypes: Optional[Sequence[str]] = None) -> dict:
     """The machine's limit on the current threads, per dtype: square matmul GFLOP/s per size (fp32, bf16,
     int8) and dense convolution GFLOP/s per shape of `conv_shapes` (default CONV_SHAPES; fp32 and bf16):
     {dtype: {"sizes": {n: GFLOP/s}, "conv": {shape: GFLOP/s}, "matmul_gflops": max over sizes,
     "gflops": max over everything} or {"error": message}}. "gflops" is the limit every throughput is a
     fraction of. "bf16_over_fp32" is the ratio of the two limits: well above 1 when bf16 runs on native
-    instructions (AVX512-BF16 / AMX on CPU), about 1 or below when it is emulated through fp32."""
+    instructions (AVX512-BF16 / AMX on CPU), about 1 or below when it is emulated through fp32. With
+    `dtypes`, only those (and fp32, the reference)."""
     shapes = CONV_SHAPES if conv_shapes is None else conv_shapes
     out: dict = {}
     for name, dtype in MATMUL_DTYPES.items():
+        if dtypes is not None and name not in dtypes and name != "fp32":
+            continue
         rates = {}
         try:
             for n in sizes:
@@ -386,7 +390,7 @@ def matmul_peak(sizes: Sequence[int] = (1024, 2048, 4096), repeats: int = 3, dev
         out[name] = entry
         logger.info("peak %s: %s GFLOP/s", name, ", ".join(
             f"{n}: {r:.0f}" for n, r in {**rates, **entry.get("conv", {})}.items()))
-    if "gflops" in out["fp32"] and "gflops" in out["bf16"]:
+    if "gflops" in out["fp32"] and "gflops" in out.get("bf16", {}):
         out["bf16_over_fp32"] = out["bf16"]["gflops"] / out["fp32"]["gflops"]
     return out
 

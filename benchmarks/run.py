@@ -245,7 +245,7 @@ def run_benchmark(*, variant: str, eval_loads: Sequence[Workload], train_loads: 
     res: dict = {"schema": 2, "env": env, "args": dict(args or {})}
     rounds = dict(warmup=warmup, repeats=repeats, repeats_large=repeats_large, device=device)
     if backbone:
-        res["peak"] = matmul_peak(peak_sizes, device=device, conv_shapes=peak_convs)  # None: CONV_SHAPES
+        res["peak"] = matmul_peak(peak_sizes, device=device, conv_shapes=peak_convs, dtypes=dtypes)  # None: CONV_SHAPES
         res["backbone"] = run_backbones(variant, eval_loads, train_loads, compile_=compile_, memory=memory,
                                         repeats_train=repeats_train, dtypes=dtypes, **rounds)
         if detector_load is not None:

@@ -22,7 +22,9 @@ def _fmt(v: Optional[float], digits: int = 1) -> str:
 
 
 def _pct(v: Optional[float]) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
+    """A fraction of the measured peak; above it (by more than timing noise) the peak measured is not the
+    machine's limit for that dtype, e.g. torch._int_mm's int8 fallback on a CPU without VNNI / AMX."""
+    return "-" if v is None else "above peak" if v > 1.05 else f"{100 * v:.0f}%"
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -286,7 +288,8 @@ def _peak_section(res: dict) -> List[str]:
     lines += ["", "mm: square `torch.mm` (int8: `torch._int_mm`, int32 accumulation), GFLOP/s = 2 n^3 / s; conv: one "
               "dense `F.conv2d`, batch 1, channels_last, same padding, GFLOP/s = 2 x multiply-adds / s; each the "
               "best of 3 after one untimed call. The peak of a dtype is the best of its row: throughputs below "
-              "are 2 x GMAC / s as a fraction of the peak of the treatment's dtype.", ""]
+              "are 2 x GMAC / s as a fraction of the peak of the treatment's dtype (\"above peak\": faster than "
+              "that peak, which is then not this machine's limit, e.g. `torch._int_mm` without VNNI / AMX).", ""]
     return lines
 
 

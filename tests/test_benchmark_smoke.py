@@ -166,6 +166,7 @@ def test_dtypes_keep_only_the_treatments_of_those_dtypes(capsys):
     assert set(res["train"][label]["ours"]) == fp32_int8(treatments.menu("train", False))
     assert any(t.dtype == "bf16" for t in treatments.menu("eval", False))  # there was something to leave out
     assert set(matmul_peak((32,), conv_shapes={}, dtypes=("int8",))) <= {"fp32", "int8"}  # fp32: the reference
+    assert (render._pct(0.5), render._pct(1.03), render._pct(107.7)) == ("50%", "103%", "above peak")
     with pytest.raises(SystemExit):
         _tool().main(["--dtypes", "fp32,fp8", "--out", "never.md"])
     assert "--dtypes 'fp32,fp8': use some of fp32, bf16, fp16, int8" in capsys.readouterr().err

@@ -37,7 +37,9 @@ setup(
     extras_require={
         # detectron2 itself is not on PyPI: tools/env/setup_env.sh builds it (see README).
         "detectron2": ["fvcore", "pycocotools", "opencv-python-headless", "matplotlib", "tqdm"],
-        "mm": ["mmengine>=0.10,<1", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy", "regex"],
+        # setuptools<82: mmengine 0.10's Config resolves `mmdet::` / `mmseg::` bases through pkg_resources
+        # (utils/package_utils.is_installed), which setuptools 82 removed; the configs here inherit mmdet's.
+        "mm": ["mmengine>=0.10,<1", "mmdet==3.3.0", "mmsegmentation==1.2.2", "ftfy", "regex", "setuptools<82"],
         "export": ["onnx", "onnxruntime"],
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "resnest==0.0.5", "timm", "safetensors", "onnx", "onnxruntime",
                  "fvcore", "pycocotools", "opencv-python-headless", "matplotlib", "tqdm"],

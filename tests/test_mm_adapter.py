@@ -197,3 +197,21 @@ def test_exact_resume_refuses_a_loop_other_than_iteration_based(tmp_path):
     iters = _runner(tmp_path / "ok", _tiny(0.0), dict(by_epoch=False, max_iters=1), [dict(type="ExactResumeHook")])
     iters.train()
     assert iters.iter == 1
+
+
+def test_the_mm_extra_keeps_pkg_resources_while_mmengine_resolves_bases_with_it():
+    """mmengine 0.10 resolves a config's `mmdet::` / `mmseg::` bases (every mmdet config here inherits one)
+    through pkg_resources, which setuptools 82 removed: in a fresh environment with the newest setuptools,
+    Config.fromfile failed with "No module named 'pkg_resources'" (tried 2026-12-07). While mmengine needs
+    it, the [mm] extra keeps setuptools below 82."""
+    import ast
+    import inspect
+
+    from mmengine.utils import package_utils
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        setup_call = next(node for node in ast.walk(ast.parse(f.read()))
+                          if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    extras = ast.literal_eval(next(k.value for k in setup_call.keywords if k.arg == "extras_require"))
+    if "pkg_resources" in inspect.getsource(package_utils.is_installed):
+        assert "setuptools<82" in extras["mm"], extras["mm"]

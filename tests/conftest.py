@@ -56,6 +56,22 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.line(f"{REQUIRE_ALL}=1 (the full run) makes each of these a failure")
 
 
+def load_file(path: str, name: str):
+    """A fresh module object of the Python file `path` (a command-line tool is a file, not a package module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_tool(name: str):
+    """tools/<name>.py of this checkout as a fresh module."""
+    return load_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                                  f"{name}.py"), f"tools_{name}")
+
+
 def randomize_norm_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random BN statistics and affine parameters, so a fidelity test cannot pass by BN being identity."""
     g = torch.Generator().manual_seed(seed)

@@ -3,7 +3,6 @@
 JSON round-trips and --render rewrites the report byte for byte from it; a failing treatment is recorded,
 not fatal; the goals judge crafted numbers as they should (a miss is a miss, a missing number is not met)."""
 import copy
-import importlib.util
 import inspect
 import json
 import os
@@ -14,16 +13,13 @@ from torch import nn
 
 from benchmarks import candidates, measure, render, run, treatments
 from benchmarks.measure import matmul_peak
-from conftest import require
+from conftest import load_tool, require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("tools_benchmark", os.path.join(ROOT, "tools", "benchmark.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_tool("benchmark")
 
 
 @pytest.mark.slow

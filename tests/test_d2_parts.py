@@ -13,7 +13,6 @@ assigned in the test; then the tool's own `main(args)` runs.
   at load; evaluated, it warns about random heads; trained from, it does not."""
 import argparse
 import contextlib
-import importlib.util
 import logging
 import os
 import sys
@@ -21,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tensors_of
+from conftest import load_file, tensors_of
 
 pytestmark = pytest.mark.d2  # uses detectron2: also run on the second detectron2 line
 
@@ -40,10 +39,7 @@ if not os.path.isfile(TOOL):
 
 def upstream_train_net():
     """A fresh module object of the unmodified tools/train_net.py (its names are the test's to assign)."""
-    spec = importlib.util.spec_from_file_location("upstream_train_net", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file(TOOL, "upstream_train_net")
 
 
 def config(*opts):

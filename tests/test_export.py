@@ -1,11 +1,10 @@
 """TorchScript (script + trace) and ONNX export of the backbone and of Faster R-CNN ResNeSt-FPN."""
-import importlib.util
 import os
 
 import pytest
 import torch
 
-from conftest import require
+from conftest import load_tool, require
 from resnest_backbone import export
 from resnest_backbone.core import build_resnest
 from resnest_backbone.core.fuse import fuse_resnest
@@ -14,14 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export_tool = _load_tool("export")
+export_tool = load_tool("export")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -3,7 +3,6 @@ there is no CUDA device (a real process); its arguments; the report written from
 speed part run on the CPU) and re-rendered from its JSON; the training part's command, run on the CPU; and
 that `pytest -m cuda` finds the CUDA tests it runs."""
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,16 +11,13 @@ import sys
 import pytest
 import torch
 
-from conftest import require
+from conftest import load_tool, require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("tools_gpu_check", os.path.join(ROOT, "tools", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("gpu_check")
 
 
 def test_no_gpu_exits_with_its_code_and_says_why(tmp_path):

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # detectron2 0.6 + torch 2.x deprecations
-# Under pytest-xdist (`make test-all` runs -n 2) the workers share the cores: each gets its share.
+# Under pytest-xdist (`make test` and `make test-all` run -n 2) the workers share the cores: each gets its share.
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 # ------------------------------------------------------------------------------------- parts of the install
